@@ -1,0 +1,65 @@
+"""Typed configuration: a dataclass per component, loaded from YAML with dotted overrides.
+
+    cfg = load_config(RenderConfig, "my.yaml", ["samples=64", "hdri.strength_range=[0.5,1.5]"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Unknown keys and wrongly typed values are errors (ConfigError, one line), never ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of `cls`, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
+    schema = OmegaConf.structured(cls)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml errors come in many types
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"configuration of {cls.__name__}: {msg}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    from common.atomic import atomic_write_text
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def config_hash(data: Any) -> str:
+    """Stable short hash of a JSON-able value (dataclass instances are converted)."""
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

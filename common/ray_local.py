@@ -1,0 +1,24 @@
+"""Start or join Ray. A local Ray binds to loopback only; a cluster is the user's `--address`."""
+from __future__ import annotations
+
+import os
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
+    """Join `address` (or the job's cluster when run by `ray job submit`), else start a local Ray
+    that listens on 127.0.0.1 only and sends no usage statistics."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]   # set for the entrypoint of `ray job submit`
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    # Ray 2.60 binds every interface and advertises eth0 unless this is set before it starts;
+    # with it, GCS, raylet, workers and dashboard listen on 127.0.0.1 only (checked with ss -tlnp).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, **kwargs)

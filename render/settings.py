@@ -1,0 +1,68 @@
+"""Configuration of the render stage (loaded from YAML with dotted overrides, see common/config.py).
+
+`RenderSettings` holds everything that changes the pixels: its hash is the cache key of a rendered
+object, so a changed setting renders again. `RenderConfig` adds how the work is run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from common.config import config_hash
+
+SCHEMA_VERSION = 1   # bump when the output layout or the meaning of a setting changes
+
+
+@dataclass
+class RenderSettings:
+    resolution: int = 256
+    """Image width = height in pixels."""
+    samples: int = 32
+    """Cycles samples per pixel (default chosen from bench/render.py's time/error curve)."""
+    denoiser: str = "fast"
+    """OpenImageDenoise quality: off | fast | balanced | high."""
+    distance: float = 1.5
+    """Camera distance from the centre of the unit cube."""
+    lens_mm: float = 35.0
+    sensor_mm: float = 32.0
+    hdri_luminance: tuple[float, float] = (0.7, 1.3)
+    """Range of the HDRI's mean luminance after scaling (each HDRI's strength is normalised)."""
+    hdris: list[str] = field(default_factory=list)
+    """Names of Blender's bundled HDRIs to draw from (city, courtyard, ...); empty = all."""
+    seed: int = 0
+    """Base seed; each object's seed is derived from it and the object's uid."""
+
+    def key(self) -> str:
+        return config_hash({"schema": SCHEMA_VERSION, **self.__dict__})
+
+    def validate(self) -> None:
+        if not 8 <= self.resolution <= 4096:
+            raise ValueError(f"resolution {self.resolution}: expected 8..4096 pixels")
+        if self.samples < 1:
+            raise ValueError(f"samples {self.samples}: expected at least 1")
+        if self.denoiser not in ("off", "fast", "balanced", "high"):
+            raise ValueError(f"denoiser {self.denoiser!r}: expected off, fast, balanced or high")
+        lo, hi = self.hdri_luminance
+        if not 0 < lo <= hi:
+            raise ValueError(f"hdri_luminance {self.hdri_luminance}: expected 0 < low <= high")
+
+
+@dataclass
+class RenderConfig:
+    settings: RenderSettings = field(default_factory=RenderSettings)
+    timeout: float = 300.0
+    """Seconds one object may take (start-up, import, 32 views); then its process group is killed."""
+    retries: int = 1
+    """Extra attempts for transient failures (timeout, crash, download); permanent ones never retry."""
+    device: str = "cpu"
+    """Cycles device: cpu | cuda | optix | hip | oneapi | metal."""
+    cpus_per_task: int = 1
+    """CPUs Ray reserves per object; also Cycles' thread count."""
+    gpus_per_task: float = 0.0
+    """GPUs Ray reserves per object (set e.g. 0.5 with --device optix)."""
+    num_workers: Optional[int] = None
+    """Objects rendered at once; default: every CPU of the local machine or cluster."""
+    num_shards: int = 1
+    shards: str = "all"
+    limit: Optional[int] = None
+    """Render at most this many objects of the selected shards (after sorting by uid)."""

@@ -1,0 +1,294 @@
+"""Shards, the manifest, resume, and one Blender process per object under a timeout.
+
+    root = RenderRoot(Path("renders"))
+    summary = render_all(root, refs, cfg, address=None)   # Ray, one task per object
+
+Completeness is the atomic rename of `objects/.tmp-<uid>-*` to `objects/<uid>`; an object whose
+meta.json carries the current settings key is complete and skipped on a rerun.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+
+from common.atomic import append_line, atomic_write_json, replace_dir
+from render.cameras import NUM_VIEWS
+from render.settings import RenderConfig, RenderSettings
+from render.sources import ObjectRef, resolve
+
+log = logging.getLogger("render")
+PERMANENT = ("unreadable", "import_error", "empty_scene")
+TRANSIENT = ("timeout", "crash", "download_error")
+LOG_TAIL_LINES = 25
+
+
+# --------------------------------------------------------------------------- shards
+
+def shard_of(uid: str, num_shards: int) -> int:
+    """Deterministic shard of an object: independent of list order, machine and Python's hash seed."""
+    return int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "little") % num_shards
+
+
+def parse_shards(spec: str, num_shards: int) -> list[int]:
+    """'all' or a list like '0-3,7' -> sorted shard indices, each checked against num_shards."""
+    if num_shards < 1:
+        raise ValueError(f"--num-shards {num_shards}: expected at least 1")
+    if spec.strip() == "all":
+        return list(range(num_shards))
+    shards: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ValueError(f"--shards {spec!r}: {part!r} is not a number or a range like 0-3") from None
+        if lo_i > hi_i or lo_i < 0 or hi_i >= num_shards:
+            raise ValueError(f"--shards {spec!r}: {part!r} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+        shards.update(range(lo_i, hi_i + 1))
+    return sorted(shards)
+
+
+def select(refs: list[ObjectRef], shards: list[int], num_shards: int, limit: int | None) -> list[tuple[ObjectRef, int]]:
+    wanted = set(shards)
+    chosen = [(r, shard_of(r.uid, num_shards)) for r in refs]
+    chosen = [(r, s) for r, s in chosen if s in wanted]
+    return chosen[:limit] if limit is not None else chosen
+
+
+# --------------------------------------------------------------------------- the output folder
+
+class RenderRoot:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.objects = self.path / "objects"
+        self.logs = self.path / "logs"
+        self.manifest = self.path / "manifest.jsonl"
+        for d in (self.objects, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def is_complete(self, uid: str, key: str) -> bool:
+        try:
+            meta = json.loads((self.objects / uid / "meta.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return meta.get("settings_key") == key
+
+    def record(self, entry: dict) -> None:
+        append_line(self.manifest, json.dumps(entry, sort_keys=True))
+
+    def latest(self) -> dict[str, dict]:
+        """The manifest's last line per uid."""
+        out: dict[str, dict] = {}
+        if self.manifest.exists():
+            for line in self.manifest.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    out[entry["uid"]] = entry
+        return out
+
+    def clean_stale(self) -> int:
+        """Remove temporary folders whose owner is gone (its lock is free); returns how many."""
+        removed = 0
+        for d in self.objects.glob(".tmp-*"):
+            if d.suffix == ".lock" or not d.is_dir():
+                continue
+            lock = d.with_name(d.name + ".lock")
+            with open(lock, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue   # a live task is writing it
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+            lock.unlink(missing_ok=True)
+        for d in self.objects.glob(".trash-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        for lock in self.objects.glob(".tmp-*.lock"):
+            if not lock.with_suffix("").exists():
+                lock.unlink(missing_ok=True)
+        return removed
+
+
+# --------------------------------------------------------------------------- one object
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies, so a killed run leaves no Blender behind."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _log_tail(path: Path, start: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln.strip() and not ln.startswith("Fra:")]
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, threads: int,
+               timeout: float, objaverse_dir: str | None = None) -> dict:
+    """Render one object in a fresh Blender process (this runs inside a Ray task)."""
+    root = RenderRoot(Path(root_path))
+    started = time.time()
+    entry = {"uid": ref.uid, "original_id": ref.original_id, "source": ref.source,
+             "host": socket.gethostname(), "sha256": None}
+    tmp = root.objects / f".tmp-{ref.uid}-{uuid.uuid4().hex[:8]}"
+    lock_path = tmp.with_name(tmp.name + ".lock")
+    scratch = Path(tempfile.mkdtemp(prefix=f"iso3d-render-{ref.uid[:40]}-"))
+    log_path = root.logs / f"{ref.uid}.log"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            try:
+                src, annotations = resolve(ref, objaverse_dir)
+            except Exception as e:
+                return {**entry, "status": "failed", "reason": "download_error", "error": f"{type(e).__name__}: {e}",
+                        "seconds": time.time() - started}
+            tmp.mkdir()
+            job = {"input": str(src), "out_dir": str(tmp), "uid": ref.uid, "original_id": ref.original_id,
+                   "source": ref.source, "settings": settings, "device": device, "threads": threads,
+                   "result": str(scratch / "result.json"),
+                   "extra_meta": {"annotations": annotations} if annotations else {}}
+            (scratch / "job.json").write_text(json.dumps(job))
+            env = {**os.environ, "BLENDER_USER_RESOURCES": str(scratch / "blender"),
+                   "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch),
+                   "ISO3D_RENDER_WORKER": ref.uid, "PYTHONUNBUFFERED": "1"}
+            with open(log_path, "ab") as logf:
+                log_start = logf.tell()
+                logf.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {ref.original_id} on {entry['host']}\n".encode())
+                logf.flush()
+                proc = subprocess.Popen([sys.executable, "-m", "render.worker", str(scratch / "job.json")],
+                                        stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return {**entry, "status": "failed", "reason": "timeout",
+                            "error": f"no result after {timeout:g} s; process group killed",
+                            "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+                finally:
+                    try:   # anything the worker started (none expected) goes with it
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            result_path = scratch / "result.json"
+            if not result_path.exists():
+                how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                       else f"exit code {proc.returncode}")
+                return {**entry, "status": "failed", "reason": "crash", "error": f"Blender died ({how}) without a result",
+                        "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+            result = json.loads(result_path.read_text())
+            entry["sha256"] = result.get("sha256")
+            if result["status"] != "ok":
+                return {**entry, "status": "failed", "reason": result["reason"], "error": result["error"],
+                        "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+            pngs = sum(1 for _ in tmp.glob("*/*.png"))
+            if pngs != 2 * NUM_VIEWS or not (tmp / "meta.json").exists() or not (tmp / "cameras.json").exists():
+                return {**entry, "status": "failed", "reason": "crash", "error": f"incomplete output ({pngs} views)",
+                        "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+            replace_dir(tmp, root.objects / ref.uid)
+            return {**entry, "status": "ok", "reason": None, "warnings": result.get("warnings", []),
+                    "timings": result.get("timings"), "seconds": time.time() - started}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- many objects
+
+def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: RenderConfig,
+               address: str | None = None, objaverse_dir: str | None = None, progress: bool = True) -> dict:
+    """Render every selected object not already complete; one Ray task per object."""
+    import ray
+    from tqdm import tqdm
+
+    from common.ray_local import init_ray
+
+    settings: RenderSettings = cfg.settings
+    settings.validate()
+    key = settings.key()
+    root.clean_stale()
+    todo = [(r, s) for r, s in selected if not root.is_complete(r.uid, key)]
+    skipped = len(selected) - len(todo)
+    summary = {"selected": len(selected), "skipped": skipped, "ok": 0, "failed": 0, "retried": 0,
+               "failures": {}, "settings_key": key}
+    log.info("%d objects selected, %d already complete, %d to render", len(selected), skipped, len(todo))
+    if not todo:
+        return summary
+
+    local_cpus = max(1, (cfg.num_workers or os.cpu_count() or 1) * cfg.cpus_per_task)
+    init_ray(address, num_cpus=None if address or os.environ.get("RAY_ADDRESS") else local_cpus)
+    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
+    task = ray.remote(render_one).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task,
+                                          max_retries=0)
+    watchdog = 2 * cfg.timeout + 120   # download + start-up + render; the worker's own timeout is tighter
+    pending = deque((r, s, 0) for r, s in todo)
+    inflight: dict = {}
+    started = time.time()
+    bar = tqdm(total=len(todo), unit="obj", desc="render", disable=not progress, dynamic_ncols=True)
+    try:
+        while pending or inflight:
+            while pending and len(inflight) < workers:
+                ref, shard, attempt = pending.popleft()
+                handle = task.remote(ref, asdict(settings), str(root.path), cfg.device, cfg.cpus_per_task,
+                                     cfg.timeout, objaverse_dir)
+                inflight[handle] = (ref, shard, attempt, time.time())
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+            for handle, (ref, shard, attempt, t0) in list(inflight.items()):
+                if handle not in done and time.time() - t0 > watchdog:
+                    ray.cancel(handle, force=True)
+            for handle in done:
+                ref, shard, attempt, t0 = inflight.pop(handle)
+                try:
+                    entry = ray.get(handle)
+                except (ray.exceptions.TaskCancelledError,) as e:
+                    entry = {"uid": ref.uid, "original_id": ref.original_id, "source": ref.source,
+                             "status": "failed", "reason": "timeout", "error": f"cancelled after {watchdog:g} s: {e}"}
+                except ray.exceptions.RayError as e:
+                    entry = {"uid": ref.uid, "original_id": ref.original_id, "source": ref.source,
+                             "status": "failed", "reason": "crash", "error": str(e).splitlines()[0]}
+                entry.setdefault("seconds", time.time() - t0)
+                entry.update(shard=shard, attempts=attempt + 1, settings_key=key)
+                if entry["status"] == "failed" and entry["reason"] in TRANSIENT and attempt < cfg.retries:
+                    summary["retried"] += 1
+                    log.warning("%s: %s (%s), retrying", ref.uid, entry["reason"], entry.get("error"))
+                    pending.append((ref, shard, attempt + 1))
+                    continue
+                root.record(entry)
+                if entry["status"] == "ok":
+                    summary["ok"] += 1
+                else:
+                    summary["failed"] += 1
+                    summary["failures"][entry["reason"]] = summary["failures"].get(entry["reason"], 0) + 1
+                    log.warning("%s failed: %s: %s", ref.uid, entry["reason"], entry.get("error"))
+                bar.update(1)
+                bar.set_postfix(ok=summary["ok"], failed=summary["failed"])
+    finally:
+        bar.close()
+    elapsed = time.time() - started
+    summary["seconds"] = elapsed
+    summary["seconds_per_object"] = elapsed / max(1, summary["ok"] + summary["failed"])
+    summary["workers"] = workers
+    return summary

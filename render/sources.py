@@ -1,0 +1,207 @@
+"""Where objects come from: Objaverse (through the `objaverse` package), a local folder, or `demo`.
+
+Every source yields `ObjectRef(uid, original_id, locator, source)`. `uid` is safe as a path
+component; `locator` is what `resolve()` turns into a local file, inside the task that renders it
+(so Objaverse downloads happen in parallel, on the node that renders).
+
+    refs = list_objects("demo", cache_dir)          # built-in procedural set, made with trimesh
+    refs = list_objects("/data/models", cache_dir)  # a folder of GLB/glTF/OBJ/FBX/PLY/STL
+    refs = list_objects("objaverse", cache_dir, lvis_categories=["chair"], limit=100)
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_SUFFIXES = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl")
+MAX_UID_LEN = 96
+DEMO_COUNT = 12
+DEMO_SHAPES = ("box", "sphere", "cylinder", "cone", "capsule", "torus", "table", "snowman")
+
+
+class SourceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    uid: str           # sanitised, used as the folder name
+    original_id: str   # what the source calls it (kept in meta.json)
+    locator: str       # local path, or an Objaverse uid
+    source: str        # "demo" | "folder" | "objaverse"
+
+
+def sanitize_uid(original: str) -> str:
+    """A path-safe id: [A-Za-z0-9._-] only, no leading dots, bounded length, collision-safe.
+
+    An id that had to change (or is too long) gets a short hash of the original appended, so two
+    different ids never map to the same folder.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", original).strip("._-")
+    cleaned = re.sub(r"\.{2,}", "_", cleaned)
+    if cleaned == original and 0 < len(cleaned) <= MAX_UID_LEN:
+        return cleaned
+    digest = hashlib.sha256(original.encode("utf-8")).hexdigest()[:10]
+    return f"{cleaned[:MAX_UID_LEN - 11]}-{digest}" if cleaned else f"id-{digest}"
+
+
+def list_objects(source: str, cache_dir: Path, *, seed: int = 0, demo_count: int = DEMO_COUNT,
+                 uids: list[str] | None = None, lvis_categories: list[str] | None = None,
+                 objaverse_dir: str | None = None, limit: int | None = None) -> list[ObjectRef]:
+    """All objects of a source, sorted by uid (limit applied by the caller after sharding)."""
+    if source == "demo":
+        refs = demo_objects(Path(cache_dir) / "demo", count=demo_count, seed=seed)
+    elif source == "objaverse":
+        refs = objaverse_objects(uids=uids, lvis_categories=lvis_categories, objaverse_dir=objaverse_dir)
+    else:
+        refs = folder_objects(Path(source))
+    seen: dict[str, str] = {}
+    for r in refs:
+        if r.uid in seen:
+            raise SourceError(f"source {source}: ids {seen[r.uid]!r} and {r.original_id!r} map to the same uid {r.uid!r}")
+        seen[r.uid] = r.original_id
+    return sorted(refs, key=lambda r: r.uid)
+
+
+def folder_objects(root: Path) -> list[ObjectRef]:
+    """Every file under `root` whose suffix Blender imports; id = path relative to root."""
+    if not root.is_dir():
+        raise SourceError(f"--source {root}: not a directory (and not 'objaverse' or 'demo')")
+    refs = []
+    # Not only regular files: a broken symlink or a pipe is still an object the user asked for,
+    # and the worker classifies it (unreadable, timeout) instead of it silently vanishing.
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in SUPPORTED_SUFFIXES and not path.is_dir():
+            rel = path.relative_to(root).as_posix()
+            refs.append(ObjectRef(sanitize_uid(rel), rel, str(path), "folder"))
+    if not refs:
+        raise SourceError(f"--source {root}: no {'/'.join(s[1:] for s in SUPPORTED_SUFFIXES)} files found")
+    return refs
+
+
+# --------------------------------------------------------------------------- objaverse
+
+def _objaverse(objaverse_dir: str | None):
+    import objaverse
+    if objaverse_dir is not None:
+        # objaverse reads its root at import time; this attribute is what its loaders use.
+        objaverse._VERSIONED_PATH = str(Path(objaverse_dir).expanduser() / "hf-objaverse-v1")
+    return objaverse
+
+
+def objaverse_objects(uids: list[str] | None = None, lvis_categories: list[str] | None = None,
+                      objaverse_dir: str | None = None) -> list[ObjectRef]:
+    objaverse = _objaverse(objaverse_dir)
+    available = objaverse.load_uids()
+    if lvis_categories:
+        lvis = objaverse.load_lvis_annotations()
+        unknown = [c for c in lvis_categories if c not in lvis]
+        if unknown:
+            raise SourceError(f"--lvis-categories: unknown LVIS categories {unknown}")
+        wanted = {u for c in lvis_categories for u in lvis[c]}
+        available = [u for u in available if u in wanted]
+    if uids:
+        known = set(available)
+        missing = [u for u in uids if u not in known]
+        if missing:
+            raise SourceError(f"--uids: {len(missing)} ids not in Objaverse (or not in the categories), e.g. {missing[:3]}")
+        available = list(uids)
+    return [ObjectRef(sanitize_uid(u), u, u, "objaverse") for u in available]
+
+
+def resolve(ref: ObjectRef, objaverse_dir: str | None = None) -> tuple[Path, dict]:
+    """Local file of an object (downloading Objaverse objects into the package's cache) and any
+    annotations worth keeping in meta.json."""
+    if ref.source != "objaverse":
+        return Path(ref.locator), {}
+    objaverse = _objaverse(objaverse_dir)
+    paths = objaverse.load_objects([ref.locator], download_processes=1)
+    annotations = {}
+    try:
+        ann = objaverse.load_annotations([ref.locator]).get(ref.locator, {})
+        annotations = {k: ann.get(k) for k in ("name", "license", "uri", "user", "tags") if k in ann}
+    except Exception as e:  # annotations are nice to have; the render does not depend on them
+        annotations = {"error": f"annotations unavailable: {e}"}
+    return Path(paths[ref.locator]), annotations
+
+
+# --------------------------------------------------------------------------- demo
+
+def demo_objects(out_dir: Path, count: int = DEMO_COUNT, seed: int = 0) -> list[ObjectRef]:
+    """Procedural primitives with random colours or textures, written once as GLB (deterministic)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i in range(count):
+        shape = DEMO_SHAPES[i % len(DEMO_SHAPES)]
+        uid = f"demo-{seed}-{i:03d}-{shape}"
+        path = out_dir / f"{uid}.glb"
+        if not path.exists():
+            from common.atomic import atomic_write_bytes
+            mesh = make_demo_mesh(shape, np.random.default_rng([seed, i]))
+            atomic_write_bytes(path, mesh.export(file_type="glb"))
+        refs.append(ObjectRef(uid, uid, str(path), "demo"))
+    return refs
+
+
+def make_demo_mesh(shape: str, rng: np.random.Generator):
+    """One demo object as a trimesh.Trimesh: random proportions, colour or stripe texture."""
+    import trimesh
+    from trimesh import creation
+
+    s = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    if shape == "box":
+        mesh = creation.box(extents=[s(0.4, 1.0), s(0.4, 1.0), s(0.4, 1.0)])
+    elif shape == "sphere":
+        mesh = creation.icosphere(subdivisions=3, radius=0.5)
+        mesh.apply_scale([s(0.7, 1.0), s(0.7, 1.0), s(0.7, 1.0)])
+    elif shape == "cylinder":
+        mesh = creation.cylinder(radius=s(0.2, 0.5), height=s(0.5, 1.0), sections=48)
+    elif shape == "cone":
+        mesh = creation.cone(radius=s(0.3, 0.5), height=s(0.6, 1.0), sections=48)
+    elif shape == "capsule":
+        mesh = creation.capsule(height=s(0.3, 0.7), radius=s(0.15, 0.3), count=[24, 24])
+    elif shape == "torus":
+        mesh = creation.torus(major_radius=s(0.3, 0.4), minor_radius=s(0.08, 0.15))
+    elif shape == "table":
+        top = creation.box(extents=[s(0.8, 1.0), s(0.5, 0.8), 0.08])
+        top.apply_translation([0, 0, 0.5])
+        legs = [creation.cylinder(radius=0.04, height=0.5) for _ in range(4)]
+        w, d = top.extents[0] / 2 - 0.08, top.extents[1] / 2 - 0.08
+        for leg, (x, y) in zip(legs, [(w, d), (-w, d), (w, -d), (-w, -d)]):
+            leg.apply_translation([x, y, 0.25])
+        mesh = trimesh.util.concatenate([top, *legs])
+    elif shape == "snowman":
+        r1, r2 = s(0.25, 0.35), s(0.15, 0.22)
+        body, head = creation.icosphere(3, radius=r1), creation.icosphere(3, radius=r2)
+        head.apply_translation([0, 0, r1 + r2 * 0.8])
+        mesh = trimesh.util.concatenate([body, head])
+    else:
+        raise SourceError(f"demo shape {shape!r}: unknown (choose from {DEMO_SHAPES})")
+    # A random yaw so that no two objects share an orientation.
+    mesh.apply_transform(trimesh.transformations.rotation_matrix(s(0, 2 * np.pi), [0, 0, 1]))
+    colors = rng.integers(30, 230, size=(2, 3))
+    if rng.random() < 0.5:
+        rgba = np.concatenate([np.broadcast_to(colors[0], (len(mesh.faces), 3)), np.full((len(mesh.faces), 1), 255)], 1)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, face_colors=rgba.astype(np.uint8))
+    else:
+        mesh.visual = _stripe_texture(mesh, colors, int(rng.integers(3, 9)))
+    return mesh
+
+
+def _stripe_texture(mesh, colors: np.ndarray, stripes: int):
+    """Cylindrical UVs and a horizontal-stripe texture of two colours."""
+    from PIL import Image
+    import trimesh
+
+    v = mesh.vertices - mesh.vertices.mean(0)
+    u = (np.arctan2(v[:, 1], v[:, 0]) / (2 * np.pi)) % 1.0
+    h = (v[:, 2] - v[:, 2].min()) / max(np.ptp(v[:, 2]), 1e-9)
+    rows = (np.arange(64) * stripes // 64) % 2
+    tex = np.asarray(colors, dtype=np.uint8)[rows][:, None, :].repeat(64, axis=1)
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(tex), metallicFactor=0.0,
+                                                   roughnessFactor=0.8)
+    return trimesh.visual.TextureVisuals(uv=np.stack([u, h], 1), material=material)

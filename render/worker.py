@@ -1,0 +1,136 @@
+"""Render one object in this process, then exit. Started by render/shards.py, one process per object.
+
+    python -m render.worker JOB.json
+
+JOB.json: {"input", "out_dir", "uid", "original_id", "source", "settings": RenderSettings fields,
+"device", "threads", "result", "extra_meta"}. Writes RGBA PNGs, cameras.json and meta.json into
+out_dir, then {"status": "ok"} or {"status": "failed", "reason", "error"} into `result`.
+Failure reasons: unreadable, import_error, empty_scene (permanent); anything else is a crash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import atomic_write_json
+from render import cameras
+from render.settings import RenderSettings
+
+GLTF_MAGIC = b"glTF"
+
+
+def sniff(path: Path) -> str:
+    """sha256 of the file; raises SceneError('unreadable') for files no importer should see."""
+    from render.scene import SceneError
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SceneError("unreadable", f"{path.name}: cannot read ({e.strerror})") from None
+    if not data:
+        raise SceneError("unreadable", f"{path.name}: empty file (0 bytes)")
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head")):
+        raise SceneError("unreadable", f"{path.name}: an HTML/XML page, not a 3D file (a failed download?)")
+    if path.suffix.lower() == ".glb" and not data.startswith(GLTF_MAGIC):
+        raise SceneError("unreadable", f"{path.name}: not a binary glTF (magic {data[:4]!r}, expected b'glTF')")
+    return hashlib.sha256(data).hexdigest()
+
+
+def render_object(job: dict, state: dict) -> dict:
+    from render import scene
+
+    settings = RenderSettings(**{**job["settings"], "hdri_luminance": tuple(job["settings"]["hdri_luminance"])})
+    out = Path(job["out_dir"])
+    src = Path(job["input"])
+    timings: dict[str, float] = {}
+    rng = np.random.default_rng(cameras.seed_for(job["uid"], settings.seed))
+
+    t = time.perf_counter()
+    sha256 = state["sha256"] = sniff(src)
+    scene.reset()
+    scene.import_object(src)
+    timings["import"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    removed = scene.remove_nonfinite_vertices()
+    normalisation = scene.normalise()
+    bbox_min, bbox_max = scene.normalised_bbox()
+    missing = scene.missing_images()
+    timings["normalise"] = time.perf_counter() - t
+
+    hdris = scene.bundled_hdris()
+    if settings.hdris:
+        unknown = set(settings.hdris) - {h.stem for h in hdris}
+        if unknown:
+            raise ValueError(f"hdris: unknown names {sorted(unknown)}; bundled: {[h.stem for h in hdris]}")
+        hdris = [h for h in hdris if h.stem in settings.hdris]
+    hdri = hdris[int(rng.integers(len(hdris)))]
+    lighting = scene.setup_world(hdri, float(rng.uniform(0, 360)), float(rng.uniform(*settings.hdri_luminance)))
+    scene.setup_render(settings.resolution, settings.samples, settings.denoiser, job["device"], job["threads"])
+    camera = scene.add_camera(settings.lens_mm, settings.sensor_mm)
+
+    view_sets = {"random": cameras.random_angles(rng), "fixed": cameras.fixed_angles()}
+    views: dict[str, list] = {}
+    t = time.perf_counter()
+    for name, angles in view_sets.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        views[name] = []
+        for i, (az, el) in enumerate(angles):
+            scene.render_view(camera, cameras.c2w_blender(az, el, settings.distance), out / name / f"{i:03d}.png")
+            views[name].append({"azimuth_deg": az, "elevation_deg": el, "distance": settings.distance,
+                                "c2w": cameras.c2w_opencv(az, el, settings.distance).tolist()})
+    timings["render"] = time.perf_counter() - t
+    n_views = sum(len(v) for v in views.values())
+    timings["per_view"] = timings["render"] / n_views
+
+    import bpy
+    from render.preview import object_preview
+    object_preview(out).save(out / "preview.png")
+    atomic_write_json(out / "cameras.json", {
+        "convention": "opencv",  # camera looks down +Z, +Y down; c2w maps camera to world (z-up)
+        "world": "blender z-up; object normalised into [-0.5, 0.5]^3",
+        "K": cameras.intrinsics(settings.resolution, settings.lens_mm, settings.sensor_mm).tolist(),
+        "width": settings.resolution, "height": settings.resolution, **views})
+    warnings = []
+    if removed:
+        warnings.append(f"removed {removed} non-finite vertices")
+    if missing:
+        warnings.append(f"missing textures: {missing}")
+    atomic_write_json(out / "meta.json", {
+        "uid": job["uid"], "original_id": job["original_id"], "source": job["source"],
+        "source_file": str(src), "sha256": sha256,
+        "bbox_before": {"min": normalisation["bbox_min"], "max": normalisation["bbox_max"]},
+        "scale": normalisation["scale"], "offset": normalisation["offset"],
+        "bbox_after": {"min": bbox_min, "max": bbox_max},
+        "hdri": lighting, "settings": settings.__dict__, "settings_key": settings.key(),
+        "device": job["device"], "blender_version": bpy.app.version_string,
+        "seed": cameras.seed_for(job["uid"], settings.seed), "timings": timings,
+        "warnings": warnings, "missing_textures": missing, **job.get("extra_meta", {})})
+    return {"status": "ok", "sha256": sha256, "timings": timings, "warnings": warnings}
+
+
+def main(job_path: str) -> int:
+    from render.scene import SceneError
+    job = json.loads(Path(job_path).read_text())
+    state: dict = {}
+    try:
+        result = render_object(job, state)
+    except SceneError as e:
+        result = {"status": "failed", "reason": e.reason, "error": str(e), "sha256": state.get("sha256")}
+    except Exception as e:
+        traceback.print_exc()
+        result = {"status": "failed", "reason": "crash", "error": f"{type(e).__name__}: {e}",
+                  "sha256": state.get("sha256")}
+    atomic_write_json(job["result"], result)
+    sys.stdout.flush()
+    return 0 if result["status"] == "ok" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
