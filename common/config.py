@@ -45,7 +45,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
-        raise ConfigError(f"configuration of {cls.__name__}: {msg}") from None
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"configuration of {cls.__name__}{f', key {key}' if key else ''}: {msg}") from None
 
 
 def to_dict(cfg: Any) -> dict:

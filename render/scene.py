@@ -209,8 +209,8 @@ def setup_render(resolution: int, samples: int, denoiser: str, device: str, thre
     cycles.samples = samples
     cycles.use_adaptive_sampling = False
     cycles.max_bounces = 4
-    cycles.use_denoising = denoiser != "off"
-    if denoiser != "off":
+    cycles.use_denoising = denoiser != "none"
+    if denoiser != "none":
         cycles.denoiser = "OPENIMAGEDENOISE"
         cycles.denoising_quality = denoiser.upper()
     if threads > 0:

@@ -20,7 +20,7 @@ class RenderSettings:
     samples: int = 32
     """Cycles samples per pixel (default chosen from bench/render.py's time/error curve)."""
     denoiser: str = "fast"
-    """OpenImageDenoise quality: off | fast | balanced | high."""
+    """OpenImageDenoise quality: none | fast | balanced | high (not "off": YAML reads that as false)."""
     distance: float = 1.5
     """Camera distance from the centre of the unit cube."""
     lens_mm: float = 35.0
@@ -40,8 +40,8 @@ class RenderSettings:
             raise ValueError(f"resolution {self.resolution}: expected 8..4096 pixels")
         if self.samples < 1:
             raise ValueError(f"samples {self.samples}: expected at least 1")
-        if self.denoiser not in ("off", "fast", "balanced", "high"):
-            raise ValueError(f"denoiser {self.denoiser!r}: expected off, fast, balanced or high")
+        if self.denoiser not in ("none", "fast", "balanced", "high"):
+            raise ValueError(f"denoiser {self.denoiser!r}: expected none, fast, balanced or high")
         lo, hi = self.hdri_luminance
         if not 0 < lo <= hi:
             raise ValueError(f"hdri_luminance {self.hdri_luminance}: expected 0 < low <= high")

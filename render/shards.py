@@ -230,8 +230,19 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
     settings.validate()
     key = settings.key()
     root.clean_stale()
-    todo = [(r, s) for r, s in selected if not root.is_complete(r.uid, key)]
-    skipped = len(selected) - len(todo)
+    todo, done_before = [], []
+    for r, s in selected:
+        (done_before if root.is_complete(r.uid, key) else todo).append((r, s))
+    recorded = root.latest()
+    for r, s in done_before:
+        # Finished by a run that was killed before it could write its manifest line.
+        last = recorded.get(r.uid, {})
+        if not (last.get("status") == "ok" and last.get("settings_key") == key):
+            meta = json.loads((root.objects / r.uid / "meta.json").read_text())
+            root.record({"uid": r.uid, "original_id": r.original_id, "source": r.source, "shard": s,
+                         "status": "ok", "reason": None, "sha256": meta.get("sha256"), "settings_key": key,
+                         "seconds": None, "recovered": True})
+    skipped = len(done_before)
     summary = {"selected": len(selected), "skipped": skipped, "ok": 0, "failed": 0, "retried": 0,
                "failures": {}, "settings_key": key}
     log.info("%d objects selected, %d already complete, %d to render", len(selected), skipped, len(todo))

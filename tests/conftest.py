@@ -1,0 +1,38 @@
+"""Shared fixtures: a local Ray on loopback (2 CPUs), hostile objects, process hygiene checks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+# Small renders for tests: real Blender, real Cycles, just fewer pixels and samples.
+SMALL = ["--resolution", "32", "--samples", "4", "--denoiser", "none", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """The test process as the driver of a local 2-CPU Ray bound to 127.0.0.1, for one module."""
+    import ray
+    from common.ray_local import init_ray
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def render_worker_pids() -> list[int]:
+    """PIDs of live render worker processes (marked by ISO3D_RENDER_WORKER in their environment)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            state = (d / "stat").read_text().split(") ")[-1][0]
+        except OSError:
+            continue
+        if b"ISO3D_RENDER_WORKER=" in env and state != "Z":
+            pids.append(int(d.name))
+    return pids

@@ -1,0 +1,43 @@
+import pytest
+
+from common.config import ConfigError, config_hash, load_config, save_config
+from render.settings import RenderConfig
+
+
+def test_defaults_yaml_and_dotted_overrides(tmp_path):
+    cfg = load_config(RenderConfig)
+    assert cfg.settings.resolution == 256 and cfg.timeout == 300
+    (tmp_path / "c.yaml").write_text("settings:\n  samples: 64\ntimeout: 10\n")
+    cfg = load_config(RenderConfig, tmp_path / "c.yaml", ["settings.samples=8", "settings.hdris=[city,night]"])
+    assert (cfg.settings.samples, cfg.timeout, cfg.settings.hdris) == (8, 10.0, ["city", "night"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(RenderConfig, tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["settings.sample=8"], "sample"),            # a typo is an error, not ignored
+    (["timeout=soon"], "timeout"),
+    (["settings.resolution"], "key.sub=value"),
+])
+def test_bad_overrides_are_one_line_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(RenderConfig, None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(RenderConfig, tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("settings: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(RenderConfig, tmp_path / "bad.yaml")
+
+
+def test_settings_key_changes_with_any_pixel_setting():
+    base = load_config(RenderConfig).settings
+    assert base.key() == load_config(RenderConfig).settings.key()
+    for override in ["settings.samples=33", "settings.resolution=128", "settings.seed=1", "settings.denoiser=high"]:
+        assert load_config(RenderConfig, None, [override]).settings.key() != base.key(), override
+    # how the work is run does not change the pixels, so not the key
+    assert load_config(RenderConfig, None, ["timeout=5", "num_workers=8"]).settings.key() == base.key()
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})

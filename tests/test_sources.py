@@ -1,0 +1,71 @@
+import hashlib
+import os
+
+import pytest
+import trimesh
+
+from render.sources import SourceError, demo_objects, list_objects, resolve, sanitize_uid
+from tests.conftest import DATA
+from tests.objaverse_mirror import make_mirror
+
+
+@pytest.mark.parametrize("original", ["../../etc/passwd", "a/b/c.glb", "ünïcødé ☃.glb", "..", ".hidden", "",
+                                      "x" * 300, "con\x00trol", "a..b"])
+def test_sanitized_uids_are_safe_path_components(original):
+    uid = sanitize_uid(original)
+    assert uid and len(uid) <= 96
+    assert "/" not in uid and "\\" not in uid and ".." not in uid and not uid.startswith(".")
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in uid)
+
+
+def test_sanitize_keeps_clean_ids_and_separates_similar_ones():
+    assert sanitize_uid("8476c4170df24cf5bbe6967222d1a42d") == "8476c4170df24cf5bbe6967222d1a42d"
+    assert sanitize_uid("a/b") != sanitize_uid("a_b") != sanitize_uid("a b")
+    assert sanitize_uid("x" * 300) != sanitize_uid("x" * 299)
+
+
+def test_demo_set_is_deterministic_and_loadable(tmp_path):
+    a = demo_objects(tmp_path / "a", count=8, seed=3)
+    b = demo_objects(tmp_path / "b", count=8, seed=3)
+    c = demo_objects(tmp_path / "c", count=8, seed=4)
+    digest = lambda refs: [hashlib.sha256(open(r.locator, "rb").read()).hexdigest() for r in refs]  # noqa: E731
+    assert digest(a) == digest(b) and digest(a) != digest(c)
+    kinds = set()
+    for ref in a:
+        mesh = trimesh.load(ref.locator, force="mesh")
+        assert len(mesh.faces) > 10 and mesh.extents.max() > 0.2
+        kinds.add(type(mesh.visual).__name__)
+    assert kinds == {"TextureVisuals", "ColorVisuals"}   # some textured, some plainly coloured
+
+
+def test_folder_source_lists_supported_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ["a.glb", "sub/b.OBJ", "c.ply", "notes.txt", "d.blend"]:
+        (tmp_path / name).write_bytes(b"x")
+    os.mkfifo(tmp_path / "pipe.stl")
+    refs = list_objects(str(tmp_path), tmp_path / "cache")
+    assert sorted(r.original_id for r in refs) == ["a.glb", "c.ply", "pipe.stl", "sub/b.OBJ"]
+    assert {r.uid for r in refs} == {"a.glb", "c.ply", "pipe.stl", sanitize_uid("sub/b.OBJ")}
+    with pytest.raises(SourceError, match="not a directory"):
+        list_objects(str(tmp_path / "missing"), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no glb"):
+        list_objects(str(tmp_path / "empty"), tmp_path)
+
+
+def test_objaverse_source_against_a_local_mirror(tmp_path):
+    glb = DATA / "glb" / "Box.glb"
+    uids = ["0001aaaa", "0002bbbb", "0003cccc"]
+    mirror = make_mirror(tmp_path / "mirror", {u: glb for u in uids}, {"chair": ["0001aaaa", "0003cccc"]})
+    refs = list_objects("objaverse", tmp_path, objaverse_dir=str(mirror))
+    assert [r.uid for r in refs] == uids and {r.source for r in refs} == {"objaverse"}
+    chairs = list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), lvis_categories=["chair"])
+    assert [r.uid for r in chairs] == ["0001aaaa", "0003cccc"]
+    picked = list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), uids=["0002bbbb"])
+    path, annotations = resolve(picked[0], str(mirror))
+    assert path.read_bytes() == glb.read_bytes()
+    assert annotations["name"] == "object 0002bbbb" and annotations["license"] == "by"
+    with pytest.raises(SourceError, match="unknown LVIS"):
+        list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), lvis_categories=["spaceship"])
+    with pytest.raises(SourceError, match="not in Objaverse"):
+        list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), uids=["ffff"])
