@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
         print(f"render_objaverse.py: error: {e}", file=sys.stderr)
         return 2
 
-    run_dir = root.path / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir = root.path / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_text(run_dir / "cmd.txt", shlex.join([sys.executable, *sys.argv]) + "\n")

@@ -90,8 +90,9 @@ def remove_nonfinite_vertices() -> int:
     return removed
 
 
-def normalise() -> dict:
-    """Scale and centre the whole scene into the unit cube [-0.5, 0.5]^3.
+def normalise(mode: str = "cube") -> dict:
+    """Scale and centre the whole scene into the unit cube [-0.5, 0.5]^3: its bounding box's longest
+    side becomes 1 (mode "cube"), or its bounding sphere about the box centre gets diameter 1 ("sphere").
 
     Every root object is parented under one empty first, so that multi-root scenes move as one
     (scaling one root only is a known bug of several peer scripts).
@@ -108,11 +109,12 @@ def normalise() -> dict:
     if len(points) == 0:
         raise SceneError("empty_scene", "the scene's meshes have no (finite) vertices")
     lo, hi = points.min(0), points.max(0)
-    extent = float((hi - lo).max())
+    centre = (lo + hi) / 2
+    extent = float((hi - lo).max()) if mode == "cube" else 2 * float(np.linalg.norm(points - centre, axis=1).max())
     if not extent > 0:
         raise SceneError("empty_scene", "the scene's geometry has zero extent")
     scale = 1.0 / extent
-    offset = -(lo + hi) / 2 * scale
+    offset = -centre * scale
 
     root = bpy.data.objects.new("normalise_root", None)
     scene.collection.objects.link(root)

@@ -21,6 +21,10 @@ class RenderSettings:
     """Cycles samples per pixel (default chosen from bench/render.py's time/error curve)."""
     denoiser: str = "fast"
     """OpenImageDenoise quality: none | fast | balanced | high (not "off": YAML reads that as false)."""
+    normalise: str = "cube"
+    """cube: the bounding box's longest side becomes 1 (SyncDreamer/the paper; a box-like object's
+    corners leave the frame in some views at distance 1.5). sphere: the bounding sphere's diameter
+    becomes 1, so the whole object is in every view."""
     distance: float = 1.5
     """Camera distance from the centre of the unit cube."""
     lens_mm: float = 35.0
@@ -42,6 +46,8 @@ class RenderSettings:
             raise ValueError(f"samples {self.samples}: expected at least 1")
         if self.denoiser not in ("none", "fast", "balanced", "high"):
             raise ValueError(f"denoiser {self.denoiser!r}: expected none, fast, balanced or high")
+        if self.normalise not in ("cube", "sphere"):
+            raise ValueError(f"normalise {self.normalise!r}: expected cube or sphere")
         lo, hi = self.hdri_luminance
         if not 0 < lo <= hi:
             raise ValueError(f"hdri_luminance {self.hdri_luminance}: expected 0 < low <= high")

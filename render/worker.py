@@ -59,7 +59,7 @@ def render_object(job: dict, state: dict) -> dict:
 
     t = time.perf_counter()
     removed = scene.remove_nonfinite_vertices()
-    normalisation = scene.normalise()
+    normalisation = scene.normalise(settings.normalise)
     bbox_min, bbox_max = scene.normalised_bbox()
     missing = scene.missing_images()
     timings["normalise"] = time.perf_counter() - t
