@@ -221,7 +221,6 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
 def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: RenderConfig,
                address: str | None = None, objaverse_dir: str | None = None, progress: bool = True) -> dict:
     """Render every selected object not already complete; one Ray task per object."""
-    import ray
     from tqdm import tqdm
 
     from common.ray_local import init_ray
@@ -251,6 +250,7 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
 
     local_cpus = max(1, (cfg.num_workers or os.cpu_count() or 1) * cfg.cpus_per_task)
     init_ray(address, num_cpus=None if address or os.environ.get("RAY_ADDRESS") else local_cpus)
+    import ray   # after init_ray: it sets the environment Ray reads at import
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
     task = ray.remote(render_one).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task,
                                           max_retries=0)
