@@ -22,6 +22,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def rendered_demo(tmp_path_factory):
+    """Four demo objects really rendered at 32 px (in a subprocess: it starts and stops its own Ray)."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("rendered_demo")
+    subprocess.run([sys.executable, str(ROOT / "pipelines" / "render_objaverse.py"), "--source", "demo",
+                    "--demo-count", "4", "--output", str(out), *SMALL], check=True, capture_output=True, timeout=600)
+    return out
+
+
 def render_worker_pids() -> list[int]:
     """PIDs of live render worker processes (marked by ISO3D_RENDER_WORKER in their environment)."""
     pids = []

@@ -1,0 +1,108 @@
+"""Training samples (DESIGN.md section 2): 30% single-view branch, 70% multi-view branch.
+
+    ds = MultiViewDataset(objects, embeddings, image_size=32)
+    loader = DataLoader(ds, batch_sampler=BranchBatchSampler(len(ds), batch_size=4, seed=0))
+
+single: reference and target are two different random-set views (V = 1).
+multi:  reference is a random-set view; targets are 4 fixed-set views 90 deg apart from a random
+        start azimuth (V = 4).
+Target cameras are relative to the reference's azimuth (elevation kept); the reference camera is
+el = az = 0. Cameras are camera-to-world 4x4 in Blender/OpenGL convention (what MVDream embeds).
+Every draw is fixed by (seed, epoch, batch, position), so a resumed run sees the same samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from dataset.embeddings import EmbeddingStore
+from dataset.views import RenderedObject
+from render.cameras import NUM_VIEWS, c2w_blender
+
+
+@dataclass
+class SampleConfig:
+    image_size: int = 256
+    """Pixels of reference and targets (resized from the renders if they differ)."""
+    single_view_probability: float = 0.3
+    multi_views: int = 4
+
+
+class MultiViewDataset(Dataset):
+    def __init__(self, objects: list[RenderedObject], embeddings: EmbeddingStore | None, cfg: SampleConfig):
+        if not objects:
+            raise ValueError("no rendered objects to train on")
+        self.objects, self.embeddings, self.cfg = objects, embeddings, cfg
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __getitem__(self, key: tuple[int, str, int]) -> dict:
+        index, branch, seed = key
+        obj = self.objects[index]
+        rng = np.random.default_rng(seed)
+        ref = int(rng.integers(NUM_VIEWS))
+        ref_az, _ = obj.angles("random", ref)
+        distance = obj.cameras["random"][ref]["distance"]
+        if branch == "single":
+            other = int(rng.integers(NUM_VIEWS - 1))
+            targets = [("random", other + (other >= ref))]
+        elif branch == "multi":
+            step = NUM_VIEWS // self.cfg.multi_views
+            start = int(rng.integers(NUM_VIEWS))
+            targets = [("fixed", (start + k * step) % NUM_VIEWS) for k in range(self.cfg.multi_views)]
+        else:
+            raise ValueError(f"branch {branch!r}: expected single or multi")
+        size = self.cfg.image_size
+        cams = []
+        for view_set, i in targets:
+            az, el = obj.angles(view_set, i)
+            cams.append(c2w_blender((az - ref_az) % 360.0, el, distance))
+        sample = {
+            "uid": obj.uid,
+            "branch": branch,
+            "reference_view": ref,
+            "target_views": targets,
+            "target": torch.stack([obj.image(s, i, size) for s, i in targets]),
+            "target_cameras": torch.tensor(np.stack(cams), dtype=torch.float32),
+            "reference": obj.image("random", ref, size),
+            "reference_camera": torch.tensor(c2w_blender(0.0, 0.0, distance), dtype=torch.float32),
+        }
+        if self.embeddings is not None:
+            sample["clip_embedding"] = self.embeddings.get(obj.uid)[ref]
+        return sample
+
+
+class BranchBatchSampler(Sampler):
+    """Batches of one branch each (V differs between branches), drawn with p(single) = 0.3."""
+
+    def __init__(self, num_objects: int, batch_size: int, single_view_probability: float = 0.3, seed: int = 0,
+                 epoch: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.p = num_objects, batch_size, single_view_probability
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(1, self.n // (self.batch_size * self.world_size))
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n)
+        for b in range(len(self)):
+            branch = "single" if rng.random() < self.p else "multi"
+            start = (b * self.world_size + self.rank) * self.batch_size
+            idx = [int(order[(start + k) % self.n]) for k in range(self.batch_size)]
+            yield [(i, branch, int(rng.integers(2**62)) + k) for k, i in enumerate(idx)]
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {"uid": [s["uid"] for s in samples], "branch": samples[0]["branch"]}
+    for key in ("target", "target_cameras", "reference", "reference_camera", "clip_embedding"):
+        if key in samples[0]:
+            out[key] = torch.stack([s[key] for s in samples])
+    return out

@@ -1,0 +1,86 @@
+"""The frozen open_clip image encoder: one pooled, projected embedding per image = one context token.
+
+    enc = ImageEncoder(EncoderConfig.tiny())                 # random weights: NOT a pretrained CLIP
+    enc = ImageEncoder(EncoderConfig(model="ViT-H-14", weights="/models/open_clip_vit_h14.bin"))
+    emb = enc.encode([pil_image, ...])                       # [N, embed_dim]
+
+Preprocessing (Isotropic3D): RGBA composited on white, resized to the model's size with
+antialiasing, no crop, CLIP mean/std. The unconditional embedding is all zeros.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_MODEL = "iso3d-tiny-vit"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class EncoderConfig:
+    model: str = "ViT-H-14"
+    """open_clip model name (iso3d-tiny-vit is registered from model/configs/)."""
+    weights: Optional[str] = None
+    """Local weights file (.bin, .pt, .safetensors) for open_clip's loader; None = random weights."""
+
+    @staticmethod
+    def tiny() -> "EncoderConfig":
+        return EncoderConfig(model=TINY_MODEL, weights=None)
+
+
+def _register_tiny_config() -> None:
+    import open_clip
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+_register_tiny_config()
+
+
+class ImageEncoder(torch.nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        import open_clip
+        if cfg.weights is not None and not Path(cfg.weights).is_file():
+            raise FileNotFoundError(f"encoder weights {cfg.weights}: not found")
+        # weights_only loading inside open_clip for .bin/.pt; safetensors as such.
+        model = open_clip.create_model(cfg.model, pretrained=cfg.weights, device="cpu")
+        self.visual = model.visual.eval().requires_grad_(False)
+        self.image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+        self.embed_dim = model.visual.output_dim
+        self.identity = f"{cfg.model}:{_file_digest(cfg.weights) if cfg.weights else 'random-init'}"
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        arrays = []
+        for img in images:
+            a = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+            arrays.append(a[..., :3] * a[..., 3:] + (1.0 - a[..., 3:]))   # on white
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.mean.device)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.visual(self.preprocess(images)).float()
+
+
+def _file_digest(path: str) -> str:
+    """A cheap identity of a weights file: size + hash of its first and last MiB."""
+    p = Path(path)
+    h = hashlib.sha256(str(p.stat().st_size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, p.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]

@@ -1,0 +1,113 @@
+"""dataset/: reading rendered objects, the two training branches, cached CLIP embeddings."""
+import collections
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset.embeddings import EmbeddingStore
+from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
+from dataset.views import BrokenObject, RenderedObject, scan, split_of
+from model.encoder import EncoderConfig, ImageEncoder
+
+
+@pytest.fixture
+def render_copy(rendered_demo, tmp_path):
+    shutil.copytree(rendered_demo / "objects", tmp_path / "objects")
+    return tmp_path
+
+
+def test_open_and_composite_on_white(rendered_demo):
+    objs, broken = scan(rendered_demo)
+    assert len(objs) == 4 and broken == {}
+    obj = objs[0]
+    img = obj.image("fixed", 0)
+    alpha = np.asarray(Image.open(obj.png("fixed", 0)))[..., 3]
+    assert img.shape == (3, 32, 32) and img.min() >= -1 and img.max() <= 1
+    assert torch.all(img[:, torch.from_numpy(alpha == 0)] == 1.0)      # white background
+    assert img[:, torch.from_numpy(alpha == 255)].mean() < 0.9           # the object is not white
+    assert obj.image("fixed", 0, size=16).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda d: (d / "fixed" / "007.png").unlink(), "missing view fixed/007.png"),
+    (lambda d: (d / "random" / "003.png").write_bytes(b"\x89PNG garbage"), "unreadable view random/003.png"),
+    (lambda d: Image.new("RGBA", (20, 20)).save(d / "random" / "001.png"), "random/001.png is (20, 20)"),
+    (lambda d: (d / "cameras.json").write_text("{"), "cameras.json unreadable"),
+])
+def test_broken_objects_are_reported_by_uid_and_left_out(render_copy, damage, reason):
+    victim = sorted((render_copy / "objects").iterdir())[1]
+    damage(victim)
+    objs, broken = scan(render_copy)
+    assert victim.name not in [o.uid for o in objs] and len(objs) == 3
+    assert reason in broken[victim.name] and broken[victim.name].startswith(victim.name)
+    with pytest.raises(BrokenObject, match=victim.name):
+        RenderedObject.open(victim)
+
+
+def test_split_is_deterministic_by_uid():
+    uids = [f"u{i}" for i in range(4000)]
+    val = [u for u in uids if split_of(u, 5.0) == "val"]
+    assert 120 < len(val) < 280 and val == [u for u in uids if split_of(u, 5.0) == "val"]
+
+
+def test_branches_and_relative_cameras(rendered_demo):
+    objs, _ = scan(rendered_demo)
+    ds = MultiViewDataset(objs, None, SampleConfig(image_size=32))
+    single = ds[(0, "single", 1)]
+    assert single["target"].shape == (1, 3, 32, 32) and single["target_views"][0][0] == "random"
+    assert single["target_views"][0][1] != single["reference_view"]
+    multi = ds[(0, "multi", 2)]
+    assert multi["target"].shape == (4, 3, 32, 32) and {s for s, _ in multi["target_views"]} == {"fixed"}
+    ref_az, _ = objs[0].angles("random", multi["reference_view"])
+    pos = multi["target_cameras"][:, :3, 3].numpy()
+    az = np.degrees(np.arctan2(pos[:, 1], pos[:, 0])) % 360
+    expected = [(objs[0].angles("fixed", i)[0] - ref_az) % 360 for _, i in multi["target_views"]]
+    np.testing.assert_allclose(az, expected, atol=1e-4)
+    assert np.allclose(np.diff(np.sort(az)), 90, atol=1e-4)
+    el = np.degrees(np.arcsin(pos[:, 2] / np.linalg.norm(pos, axis=1)))
+    np.testing.assert_allclose(el, 30, atol=1e-4)
+    ref_pos = multi["reference_camera"][:3, 3].numpy()
+    np.testing.assert_allclose(ref_pos / np.linalg.norm(ref_pos), [1, 0, 0], atol=1e-6)   # el = az = 0
+    torch.testing.assert_close(multi["reference"], objs[0].image("random", multi["reference_view"]))
+    assert ds[(0, "multi", 2)]["target_views"] == multi["target_views"]   # fixed by the seed
+
+
+def test_batches_hold_one_branch_and_30_percent_are_single():
+    sampler = BranchBatchSampler(1000, 4, seed=3)
+    branches = collections.Counter()
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            assert len({b for _, b, _ in batch}) == 1 and len(batch) == 4
+            branches[batch[0][1]] += 1
+    assert abs(branches["single"] / sum(branches.values()) - 0.3) < 0.05
+    a = list(BranchBatchSampler(100, 4, seed=1, rank=0, world_size=2))
+    b = list(BranchBatchSampler(100, 4, seed=1, rank=1, world_size=2))
+    assert [x[0][1] for x in a] == [x[0][1] for x in b]                  # ranks agree on the branch
+    assert not {i for batch in a for i, _, _ in batch} & {i for batch in b for i, _, _ in batch}
+    assert list(BranchBatchSampler(100, 4, seed=1)) == list(BranchBatchSampler(100, 4, seed=1))
+
+
+def test_embeddings_cached_by_content_and_encoder(rendered_demo, render_copy, tmp_path):
+    objs, _ = scan(render_copy)
+    enc = ImageEncoder(EncoderConfig.tiny())
+    calls = []
+    encode = lambda imgs: calls.append(len(imgs)) or enc.encode(imgs)  # noqa: E731
+    store = EmbeddingStore(tmp_path / "cache", enc.identity)
+    assert store.build(objs, encode, progress=False) == 4 and calls == [16] * 4
+    assert store.build(objs, encode, progress=False) == 0
+    emb = store.get(objs[0].uid)
+    assert emb.shape == (16, 64) and torch.isfinite(emb).all()
+    # new pixels for one object (a re-render): only it is encoded again
+    png = objs[1].png("random", 5)
+    Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
+    assert EmbeddingStore(tmp_path / "cache", enc.identity).build(objs, encode, progress=False) == 1
+    assert EmbeddingStore(tmp_path / "cache", "another-encoder").build(objs, encode, progress=False) == 4
+    ds = MultiViewDataset(objs, store, SampleConfig(image_size=32))
+    sampler = BranchBatchSampler(len(ds), 2, seed=0)
+    batch = collate([ds[k] for k in next(iter(sampler))])
+    assert batch["clip_embedding"].shape == (2, 64)
+    torch.testing.assert_close(batch["clip_embedding"][0], store.get(batch["uid"][0])[ds[next(iter(sampler))[0]]["reference_view"]])
