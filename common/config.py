@@ -23,9 +23,9 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of `cls`, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
-    schema = OmegaConf.structured(cls)
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), base: T | None = None) -> T:
+    """Defaults of `cls` (or the preset `base`), then the YAML file at `path`, then `key.sub=value` overrides."""
+    schema = OmegaConf.structured(base if base is not None else cls)
     layers = [schema]
     if path is not None:
         path = Path(path)

@@ -1,0 +1,236 @@
+"""The fine-tuning loop of both stages, in-process or on Ray Train (TorchTrainer, DDP).
+
+    cfg = TrainConfig.tiny(stage=1)
+    train(cfg, data_dir, run_dir, num_workers=0)      # 0: this process; N: N Ray Train workers
+
+Every random draw (data order, branch, noise, timesteps, condition dropout) is a function of
+(seed, step, micro-step, rank), so a run resumed from a checkpoint continues exactly as if it had
+never stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from dataset.embeddings import EmbeddingStore
+from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
+from dataset.views import scan
+from model import checkpoint
+from model.encoder import ImageEncoder
+from model.mvmodel import ModelConfig, MultiViewModel, lr_lambda
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SampleConfig = field(default_factory=SampleConfig)
+    stage: int = 1
+    batch_size: int = 4
+    """Objects per micro-batch per worker (each object is 1 or 4 views)."""
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    """constant (stage 1) or linear decay to 0 at max_steps (stage 2)."""
+    max_steps: int = 1000
+    cond_dropout: float = 0.1
+    """Probability that an object's CLIP embedding is replaced by zeros (so CFG works)."""
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"
+    """no | bf16 | auto (bf16 on a GPU that supports it, otherwise no)."""
+    seed: int = 0
+    val_percent: float = 5.0
+    log_every: int = 10
+    val_every: int = 500
+    ckpt_every: int = 500
+    sample_steps: int = 50
+    guidance: float = 10.0
+
+    @staticmethod
+    def tiny(stage: int = 1) -> "TrainConfig":
+        return TrainConfig(model=ModelConfig.tiny(), data=SampleConfig(image_size=32), stage=stage, batch_size=4,
+                           lr=2e-3 if stage == 1 else 5e-4, lr_schedule="constant" if stage == 1 else "linear",
+                           warmup_steps=10, max_steps=200 if stage == 1 else 100, val_every=100, ckpt_every=50,
+                           sample_steps=20, val_percent=0.0)
+
+    @staticmethod
+    def sd21(stage: int = 1) -> "TrainConfig":
+        """The paper: stage 1 constant lr after 10k warm-up steps, batch 768 (accumulation 4), 50k steps;
+        stage 2 linear, batch 128, 5k steps. batch_size is per worker: set it to total / (workers * accum)."""
+        if stage == 1:
+            return TrainConfig(model=ModelConfig.sd21(), stage=1, batch_size=24, grad_accum=4, lr=1e-4,
+                               warmup_steps=10_000, lr_schedule="constant", max_steps=50_000)
+        return TrainConfig(model=ModelConfig.sd21(), stage=2, batch_size=16, grad_accum=1, lr=1e-5,
+                           warmup_steps=0, lr_schedule="linear", max_steps=5_000)
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage {self.stage}: expected 1 or 2")
+        if self.data.image_size != self.model.image_size:
+            raise ValueError(f"data.image_size {self.data.image_size} != model.image_size {self.model.image_size}")
+        if self.mixed_precision not in ("no", "bf16", "auto"):
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
+        lr_lambda(self.lr_schedule, 1, 1)(0)
+
+
+def from_dict(d: dict) -> TrainConfig:
+    from common.config import load_config
+    from omegaconf import OmegaConf
+    return load_config(TrainConfig, None, [], base=OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), d)))
+
+
+def prepare_embeddings(cfg: TrainConfig, data_dir: Path, objects) -> EmbeddingStore:
+    """CLIP embeddings of every reference view, computed once (cached beside the renders)."""
+    encoder = ImageEncoder(cfg.model.encoder)
+    store = EmbeddingStore(Path(data_dir) / "cache" / "clip", encoder.identity)
+    store.build(objects, encoder.encode)
+    return store
+
+
+class Batches:
+    """Micro-batch m of this rank, for any m: the data order of a resumed run is the same."""
+
+    def __init__(self, ds: MultiViewDataset, cfg: TrainConfig, rank: int, world: int):
+        self.ds = ds
+        self.sampler = BranchBatchSampler(len(ds), cfg.batch_size, cfg.data.single_view_probability, cfg.seed,
+                                          rank=rank, world_size=world)
+        self.epoch, self.cache = -1, []
+
+    def get(self, m: int) -> dict:
+        epoch, pos = divmod(m, len(self.sampler))
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.cache = epoch, list(self.sampler)
+        return collate([self.ds[k] for k in self.cache[pos]])
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str], resume: Optional[str],
+                 rank: int = 0, world: int = 1, ray_train: bool = False, progress: bool = True) -> dict:
+    cfg = from_dict(cfg_dict)
+    run = Path(run_dir)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.seed)   # identical initial weights on every rank
+    model = MultiViewModel(cfg.model)
+    if init:
+        checkpoint.load_model_weights(model, Path(init))
+    model.to(device)
+    objects, broken = scan(Path(data_dir), split="train", val_percent=cfg.val_percent)
+    for uid, reason in broken.items():
+        log.warning("left out: %s", reason)
+    store = prepare_embeddings(cfg, Path(data_dir), objects)
+    ds = MultiViewDataset(objects, store, cfg.data)
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
+    start = 0
+    if resume:
+        ck = checkpoint.resolve(resume, run / "checkpoints")
+        checkpoint.load_model_weights(model, ck)
+        start = checkpoint.load_training_state(ck, opt, sched)
+    net = model
+    if ray_train:
+        import ray.train.torch
+        net = ray.train.torch.prepare_model(model, move_to_device=False)
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
+                                             and torch.cuda.is_bf16_supported())
+    batches = Batches(ds, cfg, rank, world)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run / "tensorboard"))
+    from tqdm import tqdm
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"stage {cfg.stage}",
+               disable=rank != 0 or not progress, dynamic_ncols=True)
+    history = []
+    for step in bar:
+        net.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            m = step * cfg.grad_accum + micro
+            g = torch.Generator().manual_seed(hash((cfg.seed, m, rank)) & (2**63 - 1))
+            batch = _to(batches.get(m), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = net(batch, cfg.stage, g, cfg.cond_dropout) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append(total)
+        done = step + 1
+        if rank == 0:
+            bar.set_postfix(loss=f"{total:.4f}")
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                writer.add_scalar("loss", total, done)
+                writer.add_scalar("lr", sched.get_last_lr()[0], done)
+            if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+                checkpoint.save(run / "checkpoints", done, model, opt, sched, {"loss": total})
+            if done % cfg.val_every == 0 or done == cfg.max_steps:
+                validation_grid(model, cfg, ds, store, run / "validation" / f"step-{done:06d}.png", device)
+        if ray_train:
+            import ray.train
+            ray.train.report({"loss": total, "step": done})
+    if writer is not None:
+        writer.close()
+    return {"losses": history, "start": start}
+
+
+@torch.no_grad()
+def validation_grid(model: MultiViewModel, cfg: TrainConfig, ds: MultiViewDataset, store, path: Path, device) -> None:
+    """Sampled 4 views (top) beside the ground truth (bottom) for the first training object."""
+    from render.preview import grid
+    sample = ds[(0, "multi", cfg.seed)]
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    views = model.sample(sample["clip_embedding"], sample["target_cameras"], cfg.sample_steps, cfg.guidance, g)
+    to_img = lambda x: Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())  # noqa: E731
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid([to_img(v) for v in views] + [to_img(v) for v in sample["target"]], columns=4).save(path)
+
+
+def _ray_loop(config: dict) -> None:
+    import ray.train
+    ctx = ray.train.get_context()
+    train_worker(config["cfg"], config["data_dir"], config["run_dir"], config["init"], config["resume"],
+                 rank=ctx.get_world_rank(), world=ctx.get_world_size(), ray_train=True, progress=False)
+
+
+def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] = None, resume: Optional[str] = None,
+          num_workers: int = 0, address: Optional[str] = None, use_gpu: bool = False) -> dict:
+    """num_workers 0: train in this process. N >= 1: Ray Train with N DDP workers (gloo on CPU)."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = dataclasses.asdict(cfg)
+    if num_workers == 0:
+        return train_worker(cfg_dict, str(data_dir), str(run_dir), init, resume)
+    from common.ray_local import init_ray
+    init_ray(address, num_cpus=None if address else max(num_workers, os.cpu_count() or 1))
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    trainer = TorchTrainer(
+        _ray_loop,
+        train_loop_config={"cfg": cfg_dict, "data_dir": str(Path(data_dir).resolve()), "run_dir": str(run_dir.resolve()),
+                           "init": init, "resume": resume},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name="ray", storage_path=str((run_dir / "ray").resolve())))
+    result = trainer.fit()
+    return {"metrics": result.metrics}
+
+

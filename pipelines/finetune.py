@@ -1,0 +1,73 @@
+"""Fine-tune the multi-view diffusion model: stage 1 (image-CLIP conditioning) or stage 2 (EMA).
+
+    python pipelines/finetune.py --stage 1 --config tiny --data outputs/render --output runs/stage1
+    python pipelines/finetune.py --stage 2 --config tiny --data outputs/render --output runs/stage2 \
+        --init runs/stage1/checkpoints/step-000200
+    python pipelines/finetune.py --stage 1 --config sd21 --data /shared/renders --output /shared/s1 \
+        --num-workers 8 --address auto model.vae_path=/models/sd21-vae
+    python pipelines/finetune.py ... --resume latest            # continue a killed run exactly
+
+--num-workers 0 trains in this process; N >= 1 runs N Ray Train (DDP) workers, locally (127.0.0.1)
+or on the cluster given by --address. Extra `key.sub=value` arguments override TrainConfig fields.
+Writes OUTPUT/config.yaml, cmd.txt, checkpoints/step-N/, validation/step-N.png, tensorboard/.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
+
+from common.atomic import atomic_write_text  # noqa: E402
+from common.config import ConfigError, load_config, save_config  # noqa: E402
+from model.train import TrainConfig, train  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    p.add_argument("--config", default="tiny", help="tiny | sd21 | PATH.yaml (TrainConfig fields over the tiny preset)")
+    p.add_argument("--data", type=Path, required=True, help="a render output (pipelines/render_objaverse.py --output)")
+    p.add_argument("--output", type=Path, required=True, help="run directory")
+    p.add_argument("--init", help="checkpoint directory to start from (stage 2: a stage-1 checkpoint)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--resume", help="latest | PATH: continue from a checkpoint of this run")
+    p.add_argument("--num-workers", type=int, default=0, help="0: this process; N: Ray Train DDP workers")
+    p.add_argument("--address", help="Ray cluster (default: a local Ray on 127.0.0.1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = p.parse_args(argv)
+    try:
+        if args.config in ("tiny", "sd21"):
+            base, path = getattr(TrainConfig, args.config)(args.stage), None
+        else:
+            base, path = TrainConfig.tiny(args.stage), Path(args.config)
+        overrides = [f"stage={args.stage}"] + ([f"max_steps={args.max_steps}"] if args.max_steps else []) + args.overrides
+        cfg = load_config(TrainConfig, path, overrides, base=base)
+        cfg.validate()
+        if not (args.data / "objects").is_dir():
+            raise ValueError(f"--data {args.data}: no objects/ folder (not a render output)")
+        if args.init and not (Path(args.init) / "model.safetensors").is_file():
+            raise ValueError(f"--init {args.init}: no model.safetensors (not a checkpoint directory)")
+        if args.stage == 2 and not args.init and not args.resume:
+            raise ValueError("--stage 2 starts from a stage-1 checkpoint: give --init")
+    except (ConfigError, ValueError) as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, args.output / "config.yaml")
+    atomic_write_text(args.output / "cmd.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
+    try:
+        train(cfg, args.data, args.output, init=args.init, resume=args.resume, num_workers=args.num_workers,
+              address=args.address, use_gpu=args.gpu)
+    except FileNotFoundError as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
