@@ -43,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--resolution", type=int, help="image size in pixels (default: 256)")
     p.add_argument("--samples", type=int, help="Cycles samples per pixel (default: 32)")
     p.add_argument("--denoiser", choices=["none", "fast", "balanced", "high"], help="OpenImageDenoise quality")
-    p.add_argument("--timeout", type=float, help="seconds per object before its Blender is killed (default: 300)")
+    p.add_argument("--timeout", type=float, help="seconds per object before its Blender is killed (default: 900)")
     p.add_argument("--retries", type=int, help="extra attempts after a timeout or crash (default: 1)")
     p.add_argument("--device", help="Cycles device: cpu | cuda | optix | hip | oneapi | metal (default: cpu)")
     p.add_argument("--address", help="Ray cluster to join (default: start a local Ray on 127.0.0.1)")
