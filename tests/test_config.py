@@ -6,7 +6,7 @@ from render.settings import RenderConfig
 
 def test_defaults_yaml_and_dotted_overrides(tmp_path):
     cfg = load_config(RenderConfig)
-    assert cfg.settings.resolution == 256 and cfg.timeout == 300
+    assert cfg.settings.resolution == 256 and cfg.timeout == 900
     (tmp_path / "c.yaml").write_text("settings:\n  samples: 64\ntimeout: 10\n")
     cfg = load_config(RenderConfig, tmp_path / "c.yaml", ["settings.samples=8", "settings.hdris=[city,night]"])
     assert (cfg.settings.samples, cfg.timeout, cfg.settings.hdris) == (8, 10.0, ["city", "night"])
