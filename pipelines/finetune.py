@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
     save_config(cfg, args.output / "config.yaml")
-    atomic_write_text(args.output / "cmd.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
+    atomic_write_text(args.output / "cmd.txt", shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]) + "\n")
     try:
         train(cfg, args.data, args.output, init=args.init, resume=args.resume, num_workers=args.num_workers,
               address=args.address, use_gpu=args.gpu)

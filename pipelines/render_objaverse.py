@@ -41,7 +41,7 @@ def parse_args(argv):
     p.add_argument("--num-shards", type=int, help="split the object list into this many shards (default: 1)")
     p.add_argument("--limit", type=int, help="render at most N objects of the selected shards")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: 256)")
-    p.add_argument("--samples", type=int, help="Cycles samples per pixel (default: 32)")
+    p.add_argument("--samples", type=int, help="Cycles samples per pixel (default: 16, with the fast denoiser)")
     p.add_argument("--denoiser", choices=["none", "fast", "balanced", "high"], help="OpenImageDenoise quality")
     p.add_argument("--timeout", type=float, help="seconds per object before its Blender is killed (default: 900)")
     p.add_argument("--retries", type=int, help="extra attempts after a timeout or crash (default: 1)")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     run_dir = root.path / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
-    atomic_write_text(run_dir / "cmd.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
+    atomic_write_text(run_dir / "cmd.txt", shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]) + "\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=[logging.FileHandler(run_dir / "render.log"), logging.StreamHandler()])
     selected = select(refs, shards, cfg.num_shards, cfg.limit)

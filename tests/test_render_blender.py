@@ -126,6 +126,8 @@ def test_rerun_skips_and_changed_setting_renders_again(assets):
     assert {p: p.stat().st_mtime_ns for p in assets.objects.glob("*/meta.json")} == before
     summary = json.loads(sorted((assets.path / "runs").glob("*/summary.json"))[-1].read_text())
     assert (summary["skipped"], summary["ok"]) == (4, 0)
+    cmd = sorted((assets.path / "runs").glob("*/cmd.txt"))[-1].read_text()
+    assert "render_objaverse.py" in cmd and "--resolution 64" in cmd
     assert render_main([*args, "--limit", "1", "--samples", "5"]) == 0   # one object, new settings
     changed = [p for p in assets.objects.glob("*/meta.json") if p.stat().st_mtime_ns != before[p]]
     assert [p.parent.name for p in changed] == ["Box.glb"]
