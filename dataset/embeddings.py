@@ -11,6 +11,7 @@ computed from: a re-rendered object (different pixels) is encoded again; a diffe
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +58,7 @@ class EmbeddingStore:
                     images.append(img.convert("RGBA"))
             emb = encode(images).float().contiguous()
             hashes = ",".join(content_hash(obj.png("random", i)) for i in range(NUM_VIEWS))
-            tmp = self._file(obj.uid).with_suffix(".tmp")
+            tmp = self._file(obj.uid).with_name(f".{obj.uid}.tmp-{os.getpid()}")
             save_file({"random": emb}, str(tmp), metadata={"sha256": hashes})
             tmp.replace(self._file(obj.uid))
         return len(todo)

@@ -84,9 +84,8 @@ class TrainConfig:
 
 
 def from_dict(d: dict) -> TrainConfig:
-    from common.config import load_config
     from omegaconf import OmegaConf
-    return load_config(TrainConfig, None, [], base=OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), d)))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), d))
 
 
 def prepare_embeddings(cfg: TrainConfig, data_dir: Path, objects) -> EmbeddingStore:
@@ -131,7 +130,11 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     objects, broken = scan(Path(data_dir), split="train", val_percent=cfg.val_percent)
     for uid, reason in broken.items():
         log.warning("left out: %s", reason)
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()       # rank 0 fills the embedding cache first; the others then read it
     store = prepare_embeddings(cfg, Path(data_dir), objects)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     ds = MultiViewDataset(objects, store, cfg.data)
     params = [p for p in model.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
