@@ -20,6 +20,7 @@ import numpy as np
 SUPPORTED_SUFFIXES = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl")
 MAX_UID_LEN = 96
 DEMO_COUNT = 12
+DEMO_VERSION = 2  # bump when the generated objects change: it is part of their uids
 DEMO_SHAPES = ("box", "sphere", "cylinder", "cone", "capsule", "torus", "table", "snowman")
 
 
@@ -137,11 +138,15 @@ def demo_objects(out_dir: Path, count: int = DEMO_COUNT, seed: int = 0) -> list[
     refs = []
     for i in range(count):
         shape = DEMO_SHAPES[i % len(DEMO_SHAPES)]
-        uid = f"demo-{seed}-{i:03d}-{shape}"
+        uid = f"demo{DEMO_VERSION}-{seed}-{i:03d}-{shape}"
         path = out_dir / f"{uid}.glb"
         if not path.exists():
+            import trimesh
+
             from common.atomic import atomic_write_bytes
             mesh = make_demo_mesh(shape, np.random.default_rng([seed, i]))
+            # glTF is y-up (Blender's importer turns it back to z-up): rotate -90 deg about x first.
+            mesh.apply_transform(trimesh.transformations.rotation_matrix(-np.pi / 2, [1, 0, 0]))
             atomic_write_bytes(path, mesh.export(file_type="glb"))
         refs.append(ObjectRef(uid, uid, str(path), "demo"))
     return refs

@@ -69,3 +69,11 @@ def test_objaverse_source_against_a_local_mirror(tmp_path):
         list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), lvis_categories=["spaceship"])
     with pytest.raises(SourceError, match="not in Objaverse"):
         list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), uids=["ffff"])
+
+
+def test_demo_objects_stand_upright_in_gltf_y_up(tmp_path):
+    """glTF's up axis is +y (Blender turns it into +z): the table's 0.54-unit height must lie along y."""
+    refs = demo_objects(tmp_path, count=7)
+    table = trimesh.load(next(r.locator for r in refs if r.uid.endswith("table")), force="mesh")
+    assert table.extents[1] == pytest.approx(0.54, abs=1e-6)
+    assert table.bounds[0][1] == pytest.approx(0.0, abs=1e-6)     # legs on the ground, top up
