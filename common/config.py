@@ -49,10 +49,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         raise ConfigError(f"configuration of {cls.__name__}{f', key {key}' if key else ''}: {msg}") from None
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def save_config(cfg: Any, path: str | Path) -> None:
     from common.atomic import atomic_write_text
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from render.cameras import NUM_VIEWS
+from render.preview import on_white
 
 VIEW_SETS = ("random", "fixed")
 
@@ -72,8 +73,7 @@ class RenderedObject:
             img = img.convert("RGBA")
             if size is not None and size != img.size[0]:
                 img = img.resize((size, size), Image.Resampling.LANCZOS)  # on straight alpha, before compositing
-            a = np.asarray(img, dtype=np.float32) / 255.0
-        rgb = a[..., :3] * a[..., 3:] + (1.0 - a[..., 3:])
+            rgb = np.asarray(on_white(img), dtype=np.float32) / 255.0
         return torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from render.preview import on_white
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "iso3d-tiny-vit"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,10 +63,7 @@ class ImageEncoder(torch.nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        arrays = []
-        for img in images:
-            a = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-            arrays.append(a[..., :3] * a[..., 3:] + (1.0 - a[..., 3:]))   # on white
+        arrays = [np.asarray(on_white(img), dtype=np.float32) / 255.0 for img in images]
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.mean.device)
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
                           align_corners=False).clamp(0, 1)

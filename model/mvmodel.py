@@ -147,16 +147,3 @@ class MultiViewModel(torch.nn.Module):
             x = ddim.step(uncond + guidance * (cond - uncond), t, x).prev_sample
         return self.decode(x)
 
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    """Linear warm-up, then constant (stage 1) or linear decay to 0 at `total` (stage 2)."""
-    def f(step: int) -> float:
-        w = min(1.0, (step + 1) / max(1, warmup))
-        if schedule == "constant":
-            return w
-        if schedule == "linear":
-            return w * max(0.0, 1 - step / max(1, total))
-        raise ValueError(f"lr schedule {schedule!r}: expected constant or linear")
-    return f
-
-

@@ -24,7 +24,7 @@ from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, 
 from dataset.views import scan
 from model import checkpoint
 from model.encoder import ImageEncoder
-from model.mvmodel import ModelConfig, MultiViewModel, lr_lambda
+from model.mvmodel import ModelConfig, MultiViewModel
 
 log = logging.getLogger("finetune")
 
@@ -81,6 +81,18 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
         lr_lambda(self.lr_schedule, 1, 1)(0)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Linear warm-up, then constant (stage 1) or linear decay to 0 at `total` (stage 2)."""
+    def f(step: int) -> float:
+        w = min(1.0, (step + 1) / max(1, warmup))
+        if schedule == "constant":
+            return w
+        if schedule == "linear":
+            return w * max(0.0, 1 - step / max(1, total))
+        raise ValueError(f"lr schedule {schedule!r}: expected constant or linear")
+    return f
 
 
 def from_dict(d: dict) -> TrainConfig:

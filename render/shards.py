@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
-from common.atomic import append_line, atomic_write_json, replace_dir
+from common.atomic import append_line, replace_dir
 from render.cameras import NUM_VIEWS
 from render.settings import RenderConfig, RenderSettings
 from render.sources import ObjectRef, resolve
@@ -155,14 +155,19 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
     lock_path = tmp.with_name(tmp.name + ".lock")
     scratch = Path(tempfile.mkdtemp(prefix=f"iso3d-render-{ref.uid[:40]}-"))
     log_path = root.logs / f"{ref.uid}.log"
+    log_start = 0
+
+    def failed(reason: str, error: str) -> dict:
+        return {**entry, "status": "failed", "reason": reason, "error": error,
+                "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             try:
                 src, annotations = resolve(ref, objaverse_dir)
             except Exception as e:
-                return {**entry, "status": "failed", "reason": "download_error", "error": f"{type(e).__name__}: {e}",
-                        "seconds": time.time() - started}
+                return {**failed("download_error", f"{type(e).__name__}: {e}"), "log_tail": ""}
             tmp.mkdir()
             job = {"input": str(src), "out_dir": str(tmp), "uid": ref.uid, "original_id": ref.original_id,
                    "source": ref.source, "settings": settings, "device": device, "threads": threads,
@@ -173,7 +178,7 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
                    "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch),
                    "ISO3D_RENDER_WORKER": ref.uid, "PYTHONUNBUFFERED": "1"}
             with open(log_path, "ab") as logf:
-                log_start = logf.tell()
+                log_start = logf.tell()   # failed() reads it: attempts append to one log
                 logf.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {ref.original_id} on {entry['host']}\n".encode())
                 logf.flush()
                 proc = subprocess.Popen([sys.executable, "-m", "render.worker", str(scratch / "job.json")],
@@ -184,9 +189,7 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                    return {**entry, "status": "failed", "reason": "timeout",
-                            "error": f"no result after {timeout:g} s; process group killed",
-                            "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+                    return failed("timeout", f"no result after {timeout:g} s; process group killed")
                 finally:
                     try:   # anything the worker started (none expected) goes with it
                         os.killpg(proc.pid, signal.SIGKILL)
@@ -196,17 +199,14 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
             if not result_path.exists():
                 how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                        else f"exit code {proc.returncode}")
-                return {**entry, "status": "failed", "reason": "crash", "error": f"Blender died ({how}) without a result",
-                        "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+                return failed("crash", f"Blender died ({how}) without a result")
             result = json.loads(result_path.read_text())
             entry["sha256"] = result.get("sha256")
             if result["status"] != "ok":
-                return {**entry, "status": "failed", "reason": result["reason"], "error": result["error"],
-                        "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+                return failed(result["reason"], result["error"])
             pngs = sum(1 for _ in tmp.glob("*/*.png"))
             if pngs != 2 * NUM_VIEWS or not (tmp / "meta.json").exists() or not (tmp / "cameras.json").exists():
-                return {**entry, "status": "failed", "reason": "crash", "error": f"incomplete output ({pngs} views)",
-                        "log_tail": _log_tail(log_path, log_start), "seconds": time.time() - started}
+                return failed("crash", f"incomplete output ({pngs} views)")
             replace_dir(tmp, root.objects / ref.uid)
             return {**entry, "status": "ok", "reason": None, "warnings": result.get("warnings", []),
                     "timings": result.get("timings"), "seconds": time.time() - started}

@@ -1,7 +1,6 @@
 """Shared fixtures: a local Ray on loopback (2 CPUs), hostile objects, process hygiene checks."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

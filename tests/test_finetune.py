@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
+from dataset.samples import MultiViewDataset, SampleConfig, collate
 from dataset.views import scan
 from model.mvmodel import ModelConfig, MultiViewModel
 from model.train import TrainConfig, prepare_embeddings, train

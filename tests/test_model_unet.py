@@ -1,5 +1,4 @@
 """The multi-view UNet (tiny configuration, real diffusers modules) and the sd21 layout's size."""
-import json
 
 import pytest
 import torch
