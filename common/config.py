@@ -60,3 +60,15 @@ def config_hash(data: Any) -> str:
         data = dataclasses.asdict(data)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """A cheap identity of a large file (weights): its size + a hash of its first and last MiB."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]

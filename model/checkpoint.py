@@ -64,3 +64,24 @@ def load_training_state(path: Path, optimizer, scheduler) -> int:
     optimizer.load_state_dict(torch.load(ts / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ts / "scheduler.pt", weights_only=True))
     return json.loads((ts / "state.json").read_text())["step"]
+
+
+def load_model(path: Path):
+    """A checkpoint directory -> (MultiViewModel with its weights, in eval mode, on the CPU)."""
+    from omegaconf import OmegaConf
+
+    from model.mvmodel import ModelConfig, MultiViewModel
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"checkpoint {path}: expected a directory with config.json and model.safetensors")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), json.loads((path / "config.json").read_text())))
+    model = MultiViewModel(cfg)
+    load_model_weights(model, path)
+    return model.eval().requires_grad_(False)
+
+
+def identity(path: Path) -> str:
+    """What a checkpoint's outputs depend on, cheaply: its config and its weights file's digest."""
+    from common.config import config_hash, file_digest
+    path = Path(path)
+    return config_hash([(path / "config.json").read_text(), file_digest(path / "model.safetensors")])

@@ -9,7 +9,6 @@ antialiasing, no crop, CLIP mean/std. The unconditional embedding is all zeros.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.config import file_digest
 from render.preview import on_white
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "iso3d-tiny-vit"
+RANDOM_INIT_SEED = 0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -54,11 +55,15 @@ class ImageEncoder(torch.nn.Module):
         if cfg.weights is not None and not Path(cfg.weights).is_file():
             raise FileNotFoundError(f"encoder weights {cfg.weights}: not found")
         # weights_only loading inside open_clip for .bin/.pt; safetensors as such.
-        model = open_clip.create_model(cfg.model, pretrained=cfg.weights, device="cpu")
+        with torch.random.fork_rng(devices=[]):
+            # Without weights the encoder is a fixed random projection: seeded, so that fine-tuning and
+            # generation (other processes, other machines) embed an image identically.
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(cfg.model, pretrained=cfg.weights, device="cpu")
         self.visual = model.visual.eval().requires_grad_(False)
         self.image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
         self.embed_dim = model.visual.output_dim
-        self.identity = f"{cfg.model}:{_file_digest(cfg.weights) if cfg.weights else 'random-init'}"
+        self.identity = encoder_identity(cfg)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -74,12 +79,6 @@ class ImageEncoder(torch.nn.Module):
         return self.visual(self.preprocess(images)).float()
 
 
-def _file_digest(path: str) -> str:
-    """A cheap identity of a weights file: size + hash of its first and last MiB."""
-    p = Path(path)
-    h = hashlib.sha256(str(p.stat().st_size).encode())
-    with open(p, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, p.stat().st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
+def encoder_identity(cfg: EncoderConfig) -> str:
+    """What an embedding depends on: the model and its weights (cache keys use it)."""
+    return f"{cfg.model}:{file_digest(cfg.weights) if cfg.weights else f'random-init-seed{RANDOM_INIT_SEED}'}"

@@ -68,11 +68,12 @@ class MultiViewModel(torch.nn.Module):
         self.schedule = noise_schedule()
 
     # ------------------------------------------------------------------ pieces
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [-1, 1] -> what the UNet denoises."""
+    def encode(self, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> what the UNet denoises. grad=True: differentiable (score
+        distillation backpropagates through the VAE encoder into the renders)."""
         if self.vae is None:
             return images
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return self.vae.encode(images).latent_dist.mean * LATENT_SCALE
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""Export the field: marching cubes on its density -> a vertex-coloured trimesh mesh; a turntable GIF.
+
+    mesh = extract_mesh(field, ExportConfig())          # raises EmptyMeshError with a threshold to try
+    save_mesh(mesh, out / "mesh.glb")                   # .glb (default), .obj or .ply
+    save_turntable(field, grid, march_cfg, out / "turntable.gif")
+
+The field's world is z-up (Blender's); glTF is y-up, so the mesh is rotated -90 deg about x on export
+and stands upright in a browser. Mesh coordinates are those of the field's box otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+from common.atomic import atomic_write_bytes
+from render.cameras import c2w_blender
+
+Z_UP_TO_Y_UP = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
+
+
+@dataclass
+class ExportConfig:
+    resolution: int = 256
+    """Marching-cubes grid points per axis over the field's box."""
+    threshold: float = 10.0
+    """Density of the surface (10 to 25 for the paper's settings; too high gives an empty mesh)."""
+    format: str = "glb"
+    """glb | obj | ply"""
+    min_faces: int = 16
+    """Fewer faces than this is a degenerate mesh (an error, not a file)."""
+    turntable_frames: int = 36
+    turntable_size: int = 256
+    turntable_elevation: float = 20.0
+    turntable_fov: float = 49.1
+    turntable_distance: float = 1.5
+    turntable_format: str = "gif"
+    """gif (pillow) | mp4 (needs imageio-ffmpeg)."""
+
+
+class EmptyMeshError(ValueError):
+    pass
+
+
+@torch.no_grad()
+def density_grid(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
+    r = field.cfg.radius
+    device = next(field.parameters()).device
+    axis = torch.linspace(-r, r, resolution, device=device)
+    pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    sigma = torch.cat([field.density(pts[s:s + chunk]) for s in range(0, pts.shape[0], chunk)])
+    return sigma.view(resolution, resolution, resolution).float().cpu().numpy()
+
+
+@torch.no_grad()
+def extract_mesh(field, cfg: ExportConfig) -> trimesh.Trimesh:
+    """Marching cubes (scikit-image) at cfg.threshold; vertex colours = the albedo there."""
+    from skimage.measure import marching_cubes
+    sigma = density_grid(field, cfg.resolution)
+    lo, hi = float(sigma.min()), float(sigma.max())
+    if not lo < cfg.threshold < hi:
+        suggestion = np.percentile(sigma, 99) * 0.5
+        raise EmptyMeshError(f"export.threshold={cfg.threshold:g}: no surface, the density ranges over "
+                             f"[{lo:.3g}, {hi:.3g}]; try export.threshold={suggestion:.3g}")
+    r = field.cfg.radius
+    spacing = (2 * r / (cfg.resolution - 1),) * 3
+    verts, faces, _, _ = marching_cubes(sigma, level=cfg.threshold, spacing=spacing)
+    verts = verts - r
+    if len(faces) < cfg.min_faces:
+        raise EmptyMeshError(f"export.threshold={cfg.threshold:g}: degenerate mesh ({len(faces)} faces); "
+                             f"lower the threshold (density ranges over [{lo:.3g}, {hi:.3g}])")
+    device = next(field.parameters()).device
+    albedo = field(torch.as_tensor(verts, dtype=torch.float32, device=device))[1].cpu().numpy()
+    colours = np.concatenate([np.round(albedo * 255), np.full((len(verts), 1), 255)], 1).astype(np.uint8)
+    # scikit-image orients faces so that normals point down the density gradient: outwards here.
+    return trimesh.Trimesh(vertices=verts, faces=faces, vertex_colors=colours, process=False)
+
+
+def save_mesh(mesh: trimesh.Trimesh, path: Path) -> None:
+    """Written whole under a temporary name, then renamed (y-up for glTF viewers)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("glb", "obj", "ply"):
+        raise ValueError(f"mesh format {fmt!r}: expected glb, obj or ply")
+    out = mesh.copy()
+    out.apply_transform(Z_UP_TO_Y_UP)
+    atomic_write_bytes(path, out.export(file_type=fmt))
+
+
+def turntable_cameras(cfg: ExportConfig, frames: int | None = None) -> torch.Tensor:
+    n = frames or cfg.turntable_frames
+    return torch.tensor(np.stack([c2w_blender(360.0 * i / n, cfg.turntable_elevation, cfg.turntable_distance)
+                                  for i in range(n)]), dtype=torch.float32)
+
+
+@torch.no_grad()
+def turntable_frames(field, grid, march_cfg, cfg: ExportConfig) -> list[np.ndarray]:
+    """Lambertian frames lit from the camera: shape and colour are both visible."""
+    from optimize3d.renderer import render_views
+    device = next(field.parameters()).device
+    frames = []
+    for c2w in turntable_cameras(cfg).to(device):
+        out = render_views(field, grid, c2w[None], torch.tensor([cfg.turntable_fov]), cfg.turntable_size, march_cfg,
+                           mode="lambertian", lights=c2w[None, :3, 3] * 1.5, ambient=0.4, ray_chunk=1 << 14)
+        frames.append((out["rgb"][0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+    return frames
+
+
+def save_turntable(frames: list[np.ndarray], path: Path, fps: int = 12) -> None:
+    import imageio.v3 as iio
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    if path.suffix == ".gif":
+        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=int(1000 / fps), loop=0)
+    elif path.suffix == ".mp4":
+        iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps)
+    else:
+        raise ValueError(f"turntable {path}: expected .gif or .mp4")
+    tmp.replace(path)

@@ -1,0 +1,330 @@
+"""Image to 3D: a NeRF optimised by score distillation with the multi-view model, then exported.
+
+    cfg = GenerateConfig.tiny()                               # or GenerateConfig.sd21() (the paper)
+    result = generate(Path("photo.png"), Path("ckpt/step-000200"), Path("outputs/gen"), cfg)
+
+Output (DESIGN.md section 4): <out>/<image-stem>-<key>/ with config.yaml, cmd.txt, multiview.png,
+nerf/step-N/ (resumable), validation/step-N.png, mesh.glb, turntable.gif, generate.log, result.json.
+The key hashes the image's bytes, the checkpoint and every setting but `export`: the directory is
+built as <name>.partial/ and renamed when complete. A rerun reuses a complete directory (and only
+re-exports when `export` settings changed); after a crash it resumes from the last nerf/ checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from common.atomic import atomic_write_json, replace_dir
+from common.config import config_hash, save_config
+from optimize3d.export import ExportConfig, extract_mesh, save_mesh, save_turntable, turntable_frames
+from optimize3d.field import Field, FieldConfig
+from optimize3d.guidance import GuidanceConfig, MultiViewGuidance, linear_ramp
+from optimize3d.march import MarchConfig, new_occupancy_grid, update_grid
+from optimize3d.renderer import render_views
+from optimize3d.shading import draw_shading, light_positions
+from render.cameras import c2w_blender
+
+SCHEMA_VERSION = 1
+log = logging.getLogger("generate")
+
+
+@dataclass
+class GenerateConfig:
+    nerf: FieldConfig = field(default_factory=FieldConfig)
+    """The field: hash grid + MLPs (optimize3d/field.py)."""
+    march: MarchConfig = field(default_factory=MarchConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    steps: int = 10_000
+    views: int = 4
+    """Views per step: one elevation, FOV and distance; azimuths 360/views apart from a random offset."""
+    elevation_range: list[float] = field(default_factory=lambda: [0.0, 30.0])
+    fov_range: list[float] = field(default_factory=lambda: [15.0, 60.0])
+    relative_distance_range: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    """Camera distance = this x 1 / tan(fov / 2): the object keeps its size in the image."""
+    resolutions: list[int] = field(default_factory=lambda: [64, 256])
+    resolution_milestones: list[int] = field(default_factory=lambda: [5000])
+    """resolutions[i + 1] from step resolution_milestones[i] on."""
+    shading_start: int = 5000
+    """Albedo only before this step; then textureless / lambertian / albedo at random."""
+    p_textureless: float = 0.5
+    p_lambertian: float = 0.75
+    light_distance_range: list[float] = field(default_factory=lambda: [0.8, 1.5])
+    orientation_weight: list[float] = field(default_factory=lambda: [10.0, 1000.0])
+    """[at step 0, from orientation_ramp_steps on], linear in between; [0, 0] turns the loss off."""
+    orientation_ramp_steps: int = 5000
+    lr_grid: float = 0.01
+    lr_mlp: float = 0.001
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-15
+    weight_decay: float = 0.01
+    mixed_precision: str = "auto"
+    """no | bf16 | auto (bf16 for the diffusion model on a GPU)."""
+    seed: int = 0
+    val_every: int = 500
+    ckpt_every: int = 1000
+    log_every: int = 10
+    preview_steps: int = 50
+    """DDIM steps of multiview.png (the 2D model's 4 views from the CLIP embedding)."""
+    preview_elevation: float = 30.0
+
+    @staticmethod
+    def sd21() -> "GenerateConfig":
+        return GenerateConfig()
+
+    @staticmethod
+    def tiny() -> "GenerateConfig":
+        """Minutes on a CPU with the tiny 32 px model: its training cameras (FOV 49.1 deg, distance 1.5),
+        32 px renders, 64 samples per ray, the paper's schedules compressed to `steps`."""
+        steps = 300
+        return GenerateConfig(
+            nerf=FieldConfig.tiny(), march=MarchConfig.tiny(),
+            guidance=GuidanceConfig(t_anneal_steps=int(steps * 0.8)),
+            export=ExportConfig(resolution=96, threshold=5.0, turntable_frames=24, turntable_size=96),
+            steps=steps, fov_range=[49.1, 49.1], relative_distance_range=[0.685, 0.685],
+            resolutions=[32], resolution_milestones=[], shading_start=steps // 2,
+            orientation_ramp_steps=steps // 2, lr_grid=0.01, lr_mlp=0.001,
+            val_every=100, ckpt_every=100, log_every=10, preview_steps=20)
+
+    def validate(self) -> None:
+        if len(self.resolutions) != len(self.resolution_milestones) + 1:
+            raise ValueError(f"resolutions {self.resolutions} need one more entry than resolution_milestones "
+                             f"{self.resolution_milestones}")
+        if self.mixed_precision not in ("no", "bf16", "auto"):
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
+        if self.steps < 1 or self.views < 1:
+            raise ValueError(f"steps {self.steps} and views {self.views} must be at least 1")
+
+    def resolution_at(self, step: int) -> int:
+        return self.resolutions[sum(step >= m for m in self.resolution_milestones)]
+
+
+def sample_cameras(cfg: GenerateConfig, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, list[float], float]:
+    """One step's cameras: c2w (Blender/OpenGL) [V, 4, 4], FOV [V] (degrees), azimuths, elevation."""
+    elevation = rng.uniform(*cfg.elevation_range)
+    fov = rng.uniform(*cfg.fov_range)
+    distance = rng.uniform(*cfg.relative_distance_range) / math.tan(math.radians(fov) / 2)
+    offset = rng.uniform(0, 360)
+    azimuths = [(offset + k * 360.0 / cfg.views) % 360.0 for k in range(cfg.views)]
+    c2w = torch.tensor(np.stack([c2w_blender(az, elevation, distance) for az in azimuths]), dtype=torch.float32)
+    return c2w, torch.full((cfg.views,), fov), azimuths, elevation
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [0, 1] -> PIL."""
+    return Image.fromarray((x.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------- checkpoints of the field
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save_nerf(root: Path, step: int, nerf: Field, grid, opt) -> None:
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {f"field.{k}": v for k, v in nerf.state_dict().items()}
+    state.update({f"grid.{k}": v for k, v in grid.state_dict().items()})
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "field.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    replace_dir(tmp, final)
+    for old in root.glob("step-*"):          # the latest checkpoint is all a resume needs
+        if old != final and STEP_DIR.match(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_nerf(root: Path) -> Optional[Path]:
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def load_nerf(path: Path, nerf: Field, grid, opt=None) -> int:
+    state = load_file(str(path / "field.safetensors"))
+    nerf.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("field.")})
+    grid.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("grid.")})
+    if opt is not None:
+        opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------------------- the loop
+def build_field(cfg: GenerateConfig, device: torch.device):
+    torch.manual_seed(cfg.seed)
+    nerf = Field(cfg.nerf).to(device)
+    grid = new_occupancy_grid(cfg.nerf.radius, cfg.march).to(device)
+    opt = torch.optim.AdamW([{"params": nerf.grid_parameters(), "lr": cfg.lr_grid},
+                             {"params": nerf.mlp_parameters(), "lr": cfg.lr_mlp}],
+                            betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return nerf, grid, opt
+
+
+def optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, progress: bool = True) -> tuple:
+    """Score-distil the field from `model` conditioned on `embedding`; resumes from work/nerf/."""
+    device = next(model.unet.parameters()).device
+    nerf, grid, opt = build_field(cfg, device)
+    start = 0
+    if (ck := latest_nerf(work / "nerf")) is not None:
+        start = load_nerf(ck, nerf, grid, opt)
+        log.info("resumed from %s (step %d)", ck, start)
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
+                                             and torch.cuda.is_bf16_supported())
+    guide = MultiViewGuidance(model, embedding, cfg.guidance, autocast=bf16)
+    from tqdm import tqdm
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="3D", disable=not progress,
+               dynamic_ncols=True)
+    losses_path = work / "losses.jsonl"
+    for step in bar:
+        g = torch.Generator().manual_seed(hash((cfg.seed, step)) & (2**63 - 1))
+        rng = random.Random(hash((cfg.seed, step, "py")))
+        update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march)
+        c2w, fov, _, _ = sample_cameras(cfg, rng)
+        c2w, fov = c2w.to(device), fov.to(device)
+        mode = draw_shading(step, cfg.shading_start, cfg.p_textureless, cfg.p_lambertian, rng)
+        ambient = rng.random()
+        lights = light_positions(c2w[:, :3, 3], tuple(cfg.light_distance_range), g)
+        w_orient = linear_ramp(step, cfg.orientation_weight[0], cfg.orientation_weight[1], cfg.orientation_ramp_steps)
+        out = render_views(nerf, grid, c2w, fov, cfg.resolution_at(step), cfg.march, mode=mode, lights=lights,
+                           ambient=ambient, normals=w_orient > 0, stratified=True, generator=g)
+        loss_sds = guide(out["rgb"], c2w, step, g)
+        loss = loss_sds + (w_orient * out["orientation"] if w_orient > 0 else 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        parts = {"step": done, "loss": float(loss.detach()), "sds": float(loss_sds.detach()),
+                 "orient": float(out.get("orientation", torch.zeros(())).detach()), "mode": mode, "samples": out["samples"]}
+        bar.set_postfix(sds=f"{parts['sds']:.3g}", orient=f"{parts['orient']:.3g}", mode=mode)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            with open(losses_path, "a") as f:
+                f.write(json.dumps(parts) + "\n")
+            log.info("step %d %s", done, json.dumps(parts))
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            save_validation(nerf, grid, cfg, work / "validation" / f"step-{done:06d}.png")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save_nerf(work / "nerf", done, nerf, grid, opt)
+    return nerf, grid
+
+
+@torch.no_grad()
+def save_validation(nerf: Field, grid, cfg: GenerateConfig, path: Path) -> None:
+    """4 views at the preview elevation: albedo (top), normals (bottom)."""
+    from render.preview import grid as image_grid
+    device = next(nerf.parameters()).device
+    dist = cfg.relative_distance_range[0] / math.tan(math.radians(cfg.fov_range[0]) / 2)
+    c2w = torch.tensor(np.stack([c2w_blender(az, cfg.preview_elevation, dist) for az in (0, 90, 180, 270)]),
+                       dtype=torch.float32, device=device)
+    size = cfg.resolutions[-1]
+    out = render_views(nerf, grid, c2w, torch.full((4,), cfg.fov_range[0]), size, cfg.march, normals=True,
+                       ray_chunk=1 << 14)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([to_image(x) for x in out["rgb"]] + [to_image(x) for x in out["normal"]], columns=4).save(path)
+
+
+# ---------------------------------------------------------------------------- one image, end to end
+def preview_cameras(cfg: GenerateConfig) -> torch.Tensor:
+    return torch.tensor(np.stack([c2w_blender(az, cfg.preview_elevation, 1.5) for az in (0.0, 90.0, 180.0, 270.0)]),
+                        dtype=torch.float32)
+
+
+def output_key(image_sha: str, checkpoint_id: str, cfg: GenerateConfig) -> str:
+    settings = dataclasses.asdict(cfg)
+    settings.pop("export")
+    return config_hash({"image": image_sha, "checkpoint": checkpoint_id, "settings": settings, "schema": SCHEMA_VERSION})
+
+
+def run_dir_name(image: Path, key: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image.stem)[:64].strip("._") or "image"
+    return f"{stem}-{key}"
+
+
+def export_outputs(nerf: Field, grid, cfg: GenerateConfig, work: Path) -> dict:
+    mesh = extract_mesh(nerf, cfg.export)
+    save_mesh(mesh, work / f"mesh.{cfg.export.format}")
+    frames = turntable_frames(nerf, grid, cfg.march, cfg.export)
+    save_turntable(frames, work / f"turntable.{cfg.export.turntable_format}")
+    info = {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
+            "watertight": bool(mesh.is_watertight), "export_key": config_hash(cfg.export)}
+    atomic_write_json(work / "export.json", info)
+    return info
+
+
+def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateConfig, cmd: str = "",
+             progress: bool = True, device: Optional[str] = None) -> dict:
+    """One image -> <out_root>/<stem>-<key>/ (see the module docstring). Returns a summary dict."""
+    from model import checkpoint
+    from optimize3d.inputs import image_digest, load_input_image
+    from common.atomic import atomic_write_text
+    from render.preview import grid as image_grid
+
+    cfg.validate()
+    picture = load_input_image(image)
+    image_sha = image_digest(image)
+    key = output_key(image_sha, checkpoint.identity(checkpoint_dir), cfg)
+    final = Path(out_root) / run_dir_name(image, key)
+    work = final.with_name(final.name + ".partial")
+    t0 = time.time()
+    if final.is_dir():
+        done = json.loads((final / "export.json").read_text()) if (final / "export.json").is_file() else {}
+        if done.get("export_key") == config_hash(cfg.export):
+            return {"image": str(image), "output": str(final), "status": "cached", "seconds": time.time() - t0}
+        work = final                              # only the export settings changed: re-export in place
+    work.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(work / "generate.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = checkpoint.load_model(checkpoint_dir).to(dev)
+        save_config(cfg, work / "config.yaml")
+        if cmd:
+            atomic_write_text(work / "cmd.txt", cmd + "\n")
+        embedding = clip_embedding(picture, image_sha, model.cfg.encoder, Path(out_root) / "cache" / "clip")
+        if not (work / "multiview.png").is_file():
+            g = torch.Generator().manual_seed(cfg.seed)
+            views = model.sample(embedding, preview_cameras(cfg), cfg.preview_steps, cfg.guidance.guidance_scale, g)
+            tmp = work / ".tmp-multiview.png"
+            image_grid([picture.resize((views.shape[-1],) * 2)] + [to_image((v + 1) / 2) for v in views], columns=5).save(tmp)
+            tmp.replace(work / "multiview.png")
+        if work is final:
+            nerf, grid, _ = build_field(cfg, dev)
+            load_nerf(latest_nerf(work / "nerf"), nerf, grid)
+        else:
+            nerf, grid = optimize(cfg, model, embedding, work, progress=progress)
+        info = export_outputs(nerf, grid, cfg, work)
+        log.info("exported %s", json.dumps(info))
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    if work is not final:
+        replace_dir(work, final)
+    return {"image": str(image), "output": str(final), "status": "ok", "seconds": time.time() - t0, **info}
+
+
+def clip_embedding(picture: Image.Image, image_sha: str, encoder_cfg, cache: Path) -> torch.Tensor:
+    """The image's CLIP embedding, cached per (image content, encoder identity)."""
+    from common.atomic import atomic_write_bytes
+    from model.encoder import ImageEncoder, encoder_identity
+    from safetensors.torch import save as save_bytes
+    path = cache / f"{image_sha[:16]}-{config_hash(encoder_identity(encoder_cfg))}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["embedding"]
+    emb = ImageEncoder(encoder_cfg).encode([picture])[0]
+    atomic_write_bytes(path, save_bytes({"embedding": emb.contiguous()}))
+    return emb
