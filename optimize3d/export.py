@@ -68,7 +68,8 @@ def extract_mesh(field, cfg: ExportConfig) -> trimesh.Trimesh:
                              f"[{lo:.3g}, {hi:.3g}]; try export.threshold={suggestion:.3g}")
     r = field.cfg.radius
     spacing = (2 * r / (cfg.resolution - 1),) * 3
-    verts, faces, _, _ = marching_cubes(sigma, level=cfg.threshold, spacing=spacing)
+    # Density grows inwards: "ascent" winds the faces so that their normals point outwards.
+    verts, faces, _, _ = marching_cubes(sigma, level=cfg.threshold, spacing=spacing, gradient_direction="ascent")
     verts = verts - r
     if len(faces) < cfg.min_faces:
         raise EmptyMeshError(f"export.threshold={cfg.threshold:g}: degenerate mesh ({len(faces)} faces); "
@@ -76,7 +77,6 @@ def extract_mesh(field, cfg: ExportConfig) -> trimesh.Trimesh:
     device = next(field.parameters()).device
     albedo = field(torch.as_tensor(verts, dtype=torch.float32, device=device))[1].cpu().numpy()
     colours = np.concatenate([np.round(albedo * 255), np.full((len(verts), 1), 255)], 1).astype(np.uint8)
-    # scikit-image orients faces so that normals point down the density gradient: outwards here.
     return trimesh.Trimesh(vertices=verts, faces=faces, vertex_colors=colours, process=False)
 
 
@@ -88,7 +88,8 @@ def save_mesh(mesh: trimesh.Trimesh, path: Path) -> None:
         raise ValueError(f"mesh format {fmt!r}: expected glb, obj or ply")
     out = mesh.copy()
     out.apply_transform(Z_UP_TO_Y_UP)
-    atomic_write_bytes(path, out.export(file_type=fmt))
+    data = out.export(file_type=fmt)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)     # OBJ comes back as text
 
 
 def turntable_cameras(cfg: ExportConfig, frames: int | None = None) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""Image to 3D: a NeRF optimised by score distillation with a fine-tuned checkpoint, exported as a mesh.
+
+    python pipelines/generate.py --image photo.png --checkpoint runs/stage2/checkpoints/step-000100
+    python pipelines/generate.py --images photos/ --checkpoint CKPT --config sd21 --output out/
+    python pipelines/generate.py --image a.png --checkpoint CKPT --steps 200 export.threshold=8 nerf.hidden=64
+
+Input: PNG, JPEG or WebP. RGBA is composited on white with its alpha; RGB is taken as already on a plain
+(ideally white) background, nothing is segmented. Only the image's CLIP embedding conditions the model.
+Output per image (OUTPUT/<stem>-<key>/): config.yaml, cmd.txt, multiview.png (the 2D model's 4 views),
+nerf/ (resumable), validation/, mesh.glb, turntable.gif, generate.log, losses.jsonl, export.json.
+A rerun with the same image, checkpoint and settings reuses the result; a killed run resumes.
+--images runs one Ray task per image (local Ray on 127.0.0.1, or the cluster given by --address).
+--config auto picks tiny or sd21 from the checkpoint's model. Extra `key.sub=value` arguments override
+GenerateConfig fields (optimize3d/optimize.py), e.g. export.threshold=8 or export.format=obj.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
+
+from common.config import ConfigError, load_config  # noqa: E402
+from optimize3d.export import EmptyMeshError  # noqa: E402
+from optimize3d.inputs import FORMATS, InputImageError, load_input_image  # noqa: E402
+from optimize3d.optimize import GenerateConfig, generate  # noqa: E402
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", type=Path, help="one image (PNG/JPEG/WebP; RGB = plain background assumed)")
+    src.add_argument("--images", type=Path, help="a folder of images: one Ray task each")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory of pipelines/finetune.py")
+    p.add_argument("--output", type=Path, default=Path("outputs/generate"), help="default: %(default)s")
+    p.add_argument("--config", default="auto", help="auto | tiny | sd21 | PATH.yaml (GenerateConfig fields over the preset)")
+    p.add_argument("--steps", type=int, help="optimisation steps (tiny: 300, sd21: 10000)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--address", help="--images: Ray cluster (default: a local Ray on 127.0.0.1)")
+    p.add_argument("--gpus-per-task", type=float, default=0.0, help="--images: GPUs per image task")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="--images: CPUs per image task")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    return p.parse_args(argv)
+
+
+def resolve_config(args) -> GenerateConfig:
+    preset, path = args.config, None
+    if preset == "auto":
+        cfg_file = args.checkpoint / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"--checkpoint {args.checkpoint}: no config.json (not a checkpoint directory)")
+        preset = "tiny" if json.loads(cfg_file.read_text()).get("latent") == "pixel" else "sd21"
+    if preset not in ("tiny", "sd21"):
+        path, preset = Path(preset), "tiny"
+        if not path.is_file():
+            raise ValueError(f"--config {path}: not a file (expected auto, tiny, sd21 or a YAML file)")
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_config(GenerateConfig, path, overrides, base=getattr(GenerateConfig, preset)())
+    cfg.validate()
+    return cfg
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder}: not a folder")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+    if not images:
+        raise ValueError(f"--images {folder}: no {'/'.join(FORMATS)} files")
+    return images
+
+
+def run_many(images, args, cfg, cmd) -> list[dict]:
+    from common.ray_local import init_ray
+    init_ray(args.address)
+    import ray
+
+    @ray.remote(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=0)
+    def one(image: str) -> dict:
+        try:
+            return generate(Path(image), args.checkpoint.resolve(), args.output.resolve(), cfg, cmd=cmd, progress=False,
+                            device=args.device)
+        except (InputImageError, EmptyMeshError, FileNotFoundError, ValueError) as e:
+            return {"image": image, "status": "failed", "error": str(e)}
+
+    from tqdm import tqdm
+    refs = {one.remote(str(p.resolve())): p for p in images}
+    results, pending = [], list(refs)
+    with tqdm(total=len(refs), desc="images", disable=args.no_progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            results.append(ray.get(ready[0]))
+            bar.update(1)
+    return results
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), *argv])
+    try:
+        cfg = resolve_config(args)
+        if not (args.checkpoint / "model.safetensors").is_file():
+            raise ValueError(f"--checkpoint {args.checkpoint}: no model.safetensors (not a checkpoint directory)")
+        if args.image is not None:
+            load_input_image(args.image)          # a bad image fails before any model is loaded
+            results = [generate(args.image, args.checkpoint, args.output, cfg, cmd=cmd,
+                                progress=not args.no_progress, device=args.device)]
+        else:
+            results = run_many(list_images(args.images), args, cfg, cmd)
+    except (ConfigError, InputImageError, EmptyMeshError, ValueError, FileNotFoundError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results if args.images else results[0], indent=1))
+    failed = [r for r in results if r["status"] == "failed"]
+    for r in failed:
+        print(f"generate.py: error: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

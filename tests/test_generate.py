@@ -1,0 +1,139 @@
+"""pipelines/generate.py end to end on CPU with a tiny checkpoint fine-tuned by the tests: outputs,
+cache, re-export, resume after kill -9, many images through Ray, and input errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from optimize3d.inputs import InputImageError, load_input_image
+from tests.conftest import ROOT
+
+SCRIPT = str(ROOT / "pipelines" / "generate.py")
+FAST = ["--steps", "12", "--no-progress", "val_every=6", "ckpt_every=4", "export.resolution=48",
+        "export.turntable_frames=4", "export.turntable_size=32", "preview_steps=2", "export.threshold=3"]
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def input_image(rendered_demo, tmp_path_factory):
+    src = sorted((rendered_demo / "objects").iterdir())[0] / "random" / "003.png"
+    path = tmp_path_factory.mktemp("inputs") / "object.png"
+    path.write_bytes(src.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def generated(input_image, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads(r.stdout)
+
+
+def test_generate_writes_mesh_turntable_and_views(generated):
+    out, result = generated
+    d = out / f"object-{result['output'].rsplit('-', 1)[1]}"
+    assert result["status"] == "ok" and d.is_dir() and not list(out.glob("*.partial"))
+    mesh = trimesh.load(d / "mesh.glb", force="mesh")
+    assert len(mesh.faces) > 100 and len(mesh.faces) == result["faces"]
+    gif = Image.open(d / "turntable.gif")
+    assert gif.n_frames == 4 and gif.size == (32, 32)
+    assert Image.open(d / "multiview.png").size == (5 * 32, 32)         # input + 4 sampled views
+    assert (d / "validation" / "step-000012.png").is_file() and (d / "config.yaml").is_file()
+    assert "generate.py" in (d / "cmd.txt").read_text()
+    assert [p.name for p in (d / "nerf").iterdir()] == ["step-000012"]
+    steps = [json.loads(line)["step"] for line in (d / "losses.jsonl").read_text().splitlines()]
+    assert steps == [10, 12]                                             # log_every 10, and the last step
+
+
+def test_rerun_is_cached_and_export_settings_only_reexport(generated, input_image, tiny_checkpoint):
+    out, result = generated
+    d = result["output"]
+    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "cached"
+    losses = (out / d.rsplit("/", 1)[1] / "losses.jsonl").read_text()
+    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST, "export.format=obj")
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout)
+    assert again["status"] == "ok" and again["output"] == d              # same directory, not a new optimisation
+    assert (out / d.rsplit("/", 1)[1] / "mesh.obj").is_file()
+    assert (out / d.rsplit("/", 1)[1] / "losses.jsonl").read_text() == losses
+
+
+def test_too_high_threshold_is_a_clear_error_and_the_optimisation_is_kept(generated, input_image, tiny_checkpoint):
+    out, result = generated
+    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST, "export.threshold=1e6")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "try export.threshold=" in r.stderr
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(input_image, tiny_checkpoint, tmp_path):
+    args = [sys.executable, SCRIPT, "--image", str(input_image), "--checkpoint", str(tiny_checkpoint),
+            "--output", str(tmp_path), *FAST[:2], "--steps", "40", *FAST[2:]]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("*.partial/nerf/step-000008")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = list(tmp_path.glob("*.partial"))
+    assert len(partial) == 1 and not (partial[0] / "mesh.glb").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in (partial[0] / "nerf").glob("step-*"))
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = tmp_path / json.loads(r.stdout)["output"].rsplit("/", 1)[1]
+    assert (d / "mesh.glb").is_file() and not list(tmp_path.glob("*.partial"))
+    assert "resumed from" in (d / "generate.log").read_text() and f"step {killed_at})" in (d / "generate.log").read_text()
+
+
+def test_many_images_one_ray_task_each(input_image, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(input_image.read_bytes())
+    Image.open(input_image).convert("RGB").save(folder / "b.jpg")
+    (folder / "c.png").write_text("not an image")
+    r = run("--images", folder, "--checkpoint", tiny_checkpoint, "--output", tmp_path / "out", *FAST[:2], "--steps", "2",
+            *FAST[2:])
+    assert r.returncode == 1                                                # c.png failed, the others did not
+    results = {os.path.basename(x["image"]): x for x in json.loads(r.stdout)}
+    assert results["a.png"]["status"] == "ok" and results["b.jpg"]["status"] == "ok"
+    assert results["c.png"]["status"] == "failed" and "not a readable image" in results["c.png"]["error"]
+    assert len(list((tmp_path / "out").glob("*/mesh.glb"))) == 2
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: Image.new("RGB", (64, 64), "white").save(p), "only white pixels"),
+    (lambda p: Image.new("RGB", (1, 1), "red").save(p), "1x1 px is too small"),
+    (lambda p: p.write_text("hello"), "not a readable image"),
+    (lambda p: Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(p), "fully transparent"),
+    (lambda p: Image.new("RGB", (9000, 20), "red").save(p), "too large"),
+])
+def test_bad_images_are_one_line_errors(make, message, tmp_path, tiny_checkpoint):
+    path = tmp_path / "bad.png"
+    make(path)
+    with pytest.raises(InputImageError, match=message):
+        load_input_image(path)
+    if message in ("only white pixels", "not a readable image"):                     # and through the CLI
+        r = run("--image", path, "--checkpoint", tiny_checkpoint, "--output", tmp_path / "o")
+        assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0
+        assert not (tmp_path / "o").exists()
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    a = np.zeros((32, 32, 4), np.uint8)
+    a[8:24, 8:24] = [200, 0, 0, 255]
+    a[0, 0] = [0, 0, 0, 128]
+    Image.fromarray(a, "RGBA").save(tmp_path / "x.png")
+    rgb = np.asarray(load_input_image(tmp_path / "x.png"))
+    assert rgb[16, 16].tolist() == [200, 0, 0] and rgb[2, 2].tolist() == [255, 255, 255]
+    assert rgb[0, 0].tolist() == [127, 127, 127]

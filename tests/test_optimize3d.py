@@ -1,0 +1,217 @@
+"""The 3D stage's parts: hash grid, normals, marching (occupancy grid vs dense), schedules, score
+distillation gradients, mesh export."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from optimize3d.export import EmptyMeshError, ExportConfig, extract_mesh, save_mesh
+from optimize3d.field import Field, FieldConfig, TorchHashGrid, build_hash_grid
+from optimize3d.guidance import GuidanceConfig, distillation_loss, linear_ramp, t_range
+from optimize3d.march import MarchConfig, box_intersect, camera_rays, march, new_occupancy_grid, update_grid
+from render.cameras import c2w_blender, c2w_opencv, intrinsics, project
+
+
+def test_hash_grid_levels_read_their_table_at_grid_vertices():
+    cfg = FieldConfig(levels=2, features_per_level=2, log2_table_size=10, base_resolution=4, per_level_scale=4.0)
+    enc = TorchHashGrid(cfg)                       # level 0: 5^3 = 125 <= 1024 dense; level 1: 17^3 > 1024 hashed
+    torch.nn.init.normal_(enc.embeddings)
+    i, j, k = 1, 3, 2
+    dense = enc(torch.tensor([[i / 4, j / 4, k / 4]]))[0, :2]
+    assert torch.allclose(dense, enc.embeddings[0, i * 25 + j * 5 + k], atol=1e-6)
+    i, j, k = 5, 9, 14
+    hashed = enc(torch.tensor([[i / 16, j / 16, k / 16]]))[0, 2:]
+    index = (i ^ (j * 2654435761) ^ (k * 805459861)) % 1024
+    assert torch.allclose(hashed, enc.embeddings[1, index], atol=1e-6)
+    # Trilinear: halfway between two vertices of the dense level is their mean.
+    mid = enc(torch.tensor([[1.5 / 4, 3 / 4, 2 / 4]]))[0, :2]
+    assert torch.allclose(mid, (enc.embeddings[0, 1 * 25 + 15 + 2] + enc.embeddings[0, 2 * 25 + 15 + 2]) / 2, atol=1e-6)
+
+
+def test_tcnn_requested_without_it_is_a_clear_error():
+    pytest.importorskip("torch")
+    try:
+        import tinycudann  # noqa: F401
+        pytest.skip("tiny-cuda-nn is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="hash_implementation=torch"):
+        build_hash_grid(FieldConfig(hash_implementation="tcnn"))
+    assert isinstance(build_hash_grid(FieldConfig.tiny()), TorchHashGrid)   # auto on CPU
+
+
+def test_fresh_field_is_the_blob_and_its_normals_point_outwards():
+    torch.manual_seed(0)
+    field = Field(FieldConfig.tiny())
+    x = torch.nn.functional.normalize(torch.randn(200, 3), dim=-1) * 0.3
+    sigma, albedo = field(x)
+    assert torch.allclose(sigma, torch.nn.functional.softplus(torch.tensor(10 * (1 - 0.3 / 0.5))), rtol=0.02)
+    assert albedo.min() >= 0 and albedo.max() <= 1
+    cos = (field.normals(x) * torch.nn.functional.normalize(x, dim=-1)).sum(-1)
+    assert cos.min() > 0.95
+
+
+def test_camera_rays_match_the_render_cameras():
+    """The centre ray goes through the origin; a world point projects (OpenCV K, c2w) onto the pixel
+    whose ray passes through it."""
+    c2w = torch.tensor(c2w_blender(30.0, 20.0, 1.5), dtype=torch.float32)[None]
+    fov = 2 * math.degrees(math.atan(16 / 35))                  # 35 mm lens, 32 mm sensor
+    o, d = camera_rays(c2w, torch.tensor([fov]), 32)
+    centre = (o[0] + d[16 * 32 + 16] * 1.5)                     # pixel (16, 16) centre is 0.5 px off axis
+    assert centre.norm() < 0.05
+    point = np.array([[0.2, -0.1, 0.15]])
+    u, v = project(point, intrinsics(32), c2w_opencv(30.0, 20.0, 1.5))[0]
+    ray = d[int(v) * 32 + int(u)].numpy()
+    to_point = (point[0] - o[0].numpy())
+    assert np.dot(ray, to_point / np.linalg.norm(to_point)) > 0.999
+
+
+def test_box_intersection():
+    near, far, hit = box_intersect(torch.tensor([[3.0, 0, 0], [3.0, 3, 0]]), torch.tensor([[-1.0, 0, 0], [-1.0, 0, 0]]), 1.0)
+    assert hit.tolist() == [True, False]
+    assert near[0].item() == pytest.approx(2.0) and far[0].item() == pytest.approx(4.0)
+
+
+class Blob:
+    """A known density field: a Gaussian blob (peak 60, sigma 0.15) around (0.1, 0, 0); colour =
+    position mapped to [0, 1]."""
+    centre = torch.tensor([0.1, 0.0, 0.0])
+
+    def density(self, x):
+        return 60.0 * torch.exp(-((x - self.centre) ** 2).sum(-1) / (2 * 0.15 ** 2))
+
+    def __call__(self, x, d, ray_index):
+        return self.density(x), x * 0.5 + 0.5
+
+
+def psnr(a, b):
+    return -10 * torch.log10(((a - b) ** 2).mean())
+
+
+def test_occupancy_grid_marching_matches_dense_sampling():
+    """Skipping the samples in cells the grid marks empty changes the image by little (cells below the
+    threshold hold a little density by definition) and evaluates the field far less often."""
+    cfg = MarchConfig(samples_per_ray=128, grid_resolution=32, grid_update_every=1, marcher="torch")
+    torch.manual_seed(0)                                        # the grid update probes random points per cell
+    blob = Blob()
+    grid = new_occupancy_grid(1.0, cfg)
+    for step in range(8):                                       # nerfacc's warm-up updates: every cell
+        update_grid(grid, blob, step, 1.0, cfg)
+    assert 0.01 < grid.binaries.float().mean() < 0.2
+    c2w = torch.tensor(np.stack([c2w_blender(az, 20.0, 2.0) for az in (0, 120, 240)]), dtype=torch.float32)
+    o, d = camera_rays(c2w, torch.full((3,), 50.0), 24)
+    dense = march(blob, o, d, 1.0, cfg)
+    skipped = march(blob, o, d, 1.0, cfg, grid=grid)
+    assert skipped["samples"] < 0.15 * dense["samples"]
+    assert (dense["opacity"] > 0.99).float().mean() > 0.05      # the blob is in view, opaque at its core
+    assert psnr(skipped["opacity"], dense["opacity"]) > 30
+    assert psnr(skipped["values"], dense["values"]) > 30
+    empty = new_occupancy_grid(1.0, cfg)                         # a grid that was never filled skips everything
+    empty.binaries.zero_()
+    assert march(blob, o, d, 1.0, cfg, grid=empty)["opacity"].max() == 0
+
+
+def test_nerfacc_marcher_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        march(Blob(), torch.zeros(1, 3), torch.ones(1, 3), 1.0, MarchConfig(marcher="nerfacc"))
+
+
+@pytest.mark.parametrize("step,lo,hi,orient", [(0, 0.98, 0.98, 10.0), (4000, 0.50, 0.74, 802.0),
+                                                (5000, 0.38, 0.68, 1000.0), (8000, 0.02, 0.50, 1000.0),
+                                                (10000, 0.02, 0.50, 1000.0)])
+def test_schedules(step, lo, hi, orient):
+    assert t_range(GuidanceConfig(), step) == pytest.approx((lo, hi))
+    assert linear_ramp(step, 10.0, 1000.0, 5000) == pytest.approx(orient)
+
+
+def gaussian_score(alphas_cumprod, t, s_cond=0.7, s_uncond=1.3):
+    """Exact noise predictions for data ~ N(0, s^2): E[eps | x_t] = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab)."""
+    ab = alphas_cumprod[t]
+    k = lambda s: (1 - ab).sqrt() / (ab * s * s + 1 - ab)  # noqa: E731
+    return lambda x_t: (k(s_cond) * x_t, k(s_uncond) * x_t), k(s_cond), k(s_uncond)
+
+
+def test_sds_gradient_matches_finite_differences_of_its_potential():
+    """With a linear (Gaussian) score, the SDS update w (eps_cfg(a z + b eps) - eps) is the gradient of
+    the quadratic potential w (K a |z|^2 / 2 + (K b - 1) eps . z) / V; z = M theta is a toy renderer."""
+    from model.mvmodel import noise_schedule
+    ac = noise_schedule().alphas_cumprod.double()
+    t, scale = 600, 7.5
+    predict, kc, ku = gaussian_score(ac, t)
+    cfg = GuidanceConfig(form="sds", guidance_scale=scale)
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(4 * 3 * 2 * 2, 5, generator=g, dtype=torch.float64)
+    theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    render = lambda th: (M @ th).view(4, 3, 2, 2)  # noqa: E731
+    loss = distillation_loss(render(theta), noise, t, ac, predict, cfg)
+    (grad,) = torch.autograd.grad(loss, theta)
+    a, b, w = ac[t].sqrt(), (1 - ac[t]).sqrt(), 1 - ac[t]
+    K = ku + scale * (kc - ku)
+
+    def potential(th):
+        z = render(th)
+        return w * (K * a * (z * z).sum() / 2 + (K * b - 1) * (noise * z).sum()) / 4
+
+    fd = torch.stack([(potential(theta.detach() + e) - potential(theta.detach() - e)) / 2e-6
+                      for e in torch.eye(5, dtype=torch.float64) * 1e-6])
+    assert torch.allclose(grad, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_x0_reconstruction_target_with_std_rescale():
+    from model.mvmodel import noise_schedule
+    ac = noise_schedule().alphas_cumprod.double()
+    t = 300
+    predict, kc, ku = gaussian_score(ac, t)
+    cfg = GuidanceConfig(form="x0", guidance_scale=10.0, std_rescale=0.5)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    loss = distillation_loss(z, noise, t, ac, predict, cfg)
+    (grad,) = torch.autograd.grad(loss, z)
+    a, b = ac[t].sqrt(), (1 - ac[t]).sqrt()
+    x_t = a * z.detach() + b * noise
+    x0 = (x_t - b * (ku + 10.0 * (kc - ku)) * x_t) / a
+    x0_cond = (x_t - b * kc * x_t) / a
+    target = 0.5 * x0 * x0_cond.std() / x0.std() + 0.5 * x0
+    assert torch.allclose(grad, (z.detach() - target) / 4, atol=1e-9)
+    assert loss.item() == pytest.approx(0.5 * ((z.detach() - target) ** 2).sum().item() / 4)
+
+
+class SphereField(torch.nn.Module):
+    """density 50 inside radius 0.4, albedo red."""
+    def __init__(self):
+        super().__init__()
+        self.cfg = FieldConfig(radius=1.0)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def density(self, x):
+        return 50.0 * torch.sigmoid((0.4 - x.norm(dim=-1)) * 200)
+
+    def forward(self, x):
+        return self.density(x), torch.tensor([1.0, 0.0, 0.0]).expand(x.shape[0], 3)
+
+
+def test_mesh_export_of_a_sphere(tmp_path):
+    mesh = extract_mesh(SphereField(), ExportConfig(resolution=64, threshold=25.0))
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(4 / 3 * math.pi * 0.4 ** 3, rel=0.05)   # positive: faces point outwards
+    assert (mesh.visual.vertex_colors[:, :3] == [255, 0, 0]).all()
+    save_mesh(mesh, tmp_path / "mesh.glb")
+    loaded = trimesh.load(tmp_path / "mesh.glb", force="mesh")
+    assert len(loaded.faces) == len(mesh.faces)
+    assert not list(tmp_path.glob(".*"))                 # no temporary left behind
+
+
+def test_empty_mesh_is_an_error_with_a_threshold_to_try():
+    with pytest.raises(EmptyMeshError, match=r"export.threshold=80: no surface.*try export.threshold="):
+        extract_mesh(SphereField(), ExportConfig(resolution=32, threshold=80.0))
+
+
+def test_export_rotates_z_up_to_y_up(tmp_path):
+    rod = trimesh.creation.box(extents=[0.1, 0.1, 1.0])          # tall along z (Blender up)
+    save_mesh(rod, tmp_path / "rod.glb")
+    extents = trimesh.load(tmp_path / "rod.glb", force="mesh").extents
+    assert extents[1] == pytest.approx(1.0)                       # tall along y (glTF up)
