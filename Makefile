@@ -29,3 +29,4 @@ test: setup
 
 bench: setup
 	$(PY) bench/render.py
+	$(PY) bench/generate.py
