@@ -59,7 +59,10 @@ class ImageEncoder(torch.nn.Module):
             # Without weights the encoder is a fixed random projection: seeded, so that fine-tuning and
             # generation (other processes, other machines) embed an image identically.
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = open_clip.create_model(cfg.model, pretrained=cfg.weights, device="cpu")
+            visual_only = _visual_only_weights(cfg.weights)
+            model = open_clip.create_model(cfg.model, pretrained=None if visual_only is not None else cfg.weights, device="cpu")
+        if visual_only is not None:      # the image tower alone (converted from isotropic3d.ckpt)
+            model.visual.load_state_dict(visual_only, strict=True)
         self.visual = model.visual.eval().requires_grad_(False)
         self.image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
         self.embed_dim = model.visual.output_dim
@@ -82,3 +85,17 @@ class ImageEncoder(torch.nn.Module):
 def encoder_identity(cfg: EncoderConfig) -> str:
     """What an embedding depends on: the model and its weights (cache keys use it)."""
     return f"{cfg.model}:{file_digest(cfg.weights) if cfg.weights else f'random-init-seed{RANDOM_INIT_SEED}'}"
+
+
+def _visual_only_weights(path: Optional[str]) -> Optional[dict]:
+    """The state dict of a .safetensors file holding only `visual.*` keys (prefix removed), else None:
+    every other weights file goes through open_clip's own loader."""
+    if path is None or not str(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    if not keys or not all(k.startswith("visual.") for k in keys):
+        return None
+    from safetensors.torch import load_file
+    return {k[len("visual."):]: v for k, v in load_file(path).items()}

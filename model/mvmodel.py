@@ -45,6 +45,22 @@ class ModelConfig:
         return ModelConfig()
 
 
+def double_radians_features(c2w_gl: torch.Tensor) -> torch.Tensor:
+    """The released Isotropic3D sampler's featurisation: it converts degrees to radians twice, so a camera
+    at (azimuth, elevation) degrees is embedded as the camera at (azimuth * pi/180, elevation * pi/180)
+    *degrees*: every view a small perturbation of el = az = 0. The angles are read off the camera
+    position, so any camera-to-world matrix can be given."""
+    import math
+
+    from render.cameras import c2w_blender
+    pos = c2w_gl[:, :3, 3].double()
+    dist = pos.norm(dim=-1)
+    az = torch.rad2deg(torch.atan2(pos[:, 1], pos[:, 0])) % 360.0      # the sampler's azimuths are in [0, 360)
+    el = torch.rad2deg(torch.asin((pos[:, 2] / dist).clamp(-1, 1)))
+    quirky = [c2w_blender(math.radians(a), math.radians(e), 1.0) for a, e in zip(az.tolist(), el.tolist())]
+    return camera_features(torch.tensor(quirky, dtype=c2w_gl.dtype, device=c2w_gl.device))
+
+
 def noise_schedule() -> DDPMScheduler:
     """SD 2.1 / MVDream: scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon prediction."""
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
@@ -60,12 +76,16 @@ class MultiViewModel(torch.nn.Module):
         self.unet = build_unet(cfg.unet)
         self.vae = None
         if cfg.latent == "vae":
-            self.vae = (AutoencoderKL.from_pretrained(cfg.vae_path) if cfg.vae_path else AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, sample_size=256))
+            self.vae = AutoencoderKL.from_pretrained(cfg.vae_path) if cfg.vae_path else self.new_vae()
             self.vae.requires_grad_(False).eval()
         self.schedule = noise_schedule()
+
+    @staticmethod
+    def new_vae() -> AutoencoderKL:
+        """SD's VAE layout (embed_dim 4, ch 128, ch_mult 1,2,4,4) with random weights."""
+        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                             layers_per_block=2, sample_size=256)
 
     # ------------------------------------------------------------------ pieces
     def encode(self, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
@@ -83,10 +103,13 @@ class MultiViewModel(torch.nn.Module):
             return self.vae.decode(latents / LATENT_SCALE).sample.clamp(-1, 1)
 
     def cameras(self, c2w_gl: torch.Tensor) -> torch.Tensor:
-        if self.cfg.camera_featurization != "mvdream":
-            raise NotImplementedError(f"camera_featurization {self.cfg.camera_featurization!r} belongs to the "
-                                      "real-weights converter, not built yet")
-        return camera_features(c2w_gl)
+        """[N, 4, 4] Blender/OpenGL camera-to-world -> [N, 16], as this checkpoint's featurisation does."""
+        if self.cfg.camera_featurization == "mvdream":
+            return camera_features(c2w_gl)
+        if self.cfg.camera_featurization == "isotropic3d-double-radians":
+            return double_radians_features(c2w_gl)
+        raise ValueError(f"camera_featurization {self.cfg.camera_featurization!r}: expected mvdream or "
+                         "isotropic3d-double-radians")
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cams16: torch.Tensor, context: torch.Tensor, views: int):
         return multiview_forward(self.unet, x, t, cams16, context, views)

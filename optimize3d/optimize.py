@@ -3,7 +3,8 @@
     cfg = GenerateConfig.tiny()                               # or GenerateConfig.sd21() (the paper)
     result = generate(Path("photo.png"), Path("ckpt/step-000200"), Path("outputs/gen"), cfg)
 
-Output (DESIGN.md section 4): <out>/<image-stem>-<key>/ with config.yaml, cmd.txt, multiview.png,
+Output (DESIGN.md section 4): <out>/<image-stem>-<key>/ with config.yaml, cmd.txt, multiview.png
+(input + the 4 sampled views; each view also in multiview/),
 nerf/step-N/ (resumable), validation/step-N.png, mesh.glb, turntable.gif, generate.log, result.json.
 The key hashes the image's bytes, the checkpoint and every setting but `export`: the directory is
 built as <name>.partial/ and renamed when complete. A rerun reuses a complete directory (and only
@@ -299,9 +300,12 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
         if not (work / "multiview.png").is_file():
             g = torch.Generator().manual_seed(cfg.seed)
             views = model.sample(embedding, preview_cameras(cfg), cfg.preview_steps, cfg.guidance.guidance_scale, g)
+            (work / "multiview").mkdir(exist_ok=True)
+            for i, v in enumerate(views):                 # azimuths 0, 90, 180, 270 (for evaluation)
+                to_image((v + 1) / 2).save(work / "multiview" / f"{i:03d}.png")
             tmp = work / ".tmp-multiview.png"
             image_grid([picture.resize((views.shape[-1],) * 2)] + [to_image((v + 1) / 2) for v in views], columns=5).save(tmp)
-            tmp.replace(work / "multiview.png")
+            tmp.replace(work / "multiview.png")       # written last: marks the views complete
         if work is final:
             nerf, grid, _ = build_field(cfg, dev)
             load_nerf(latest_nerf(work / "nerf"), nerf, grid)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from common.atomic import atomic_write_text  # noqa: E402
 from common.config import ConfigError, load_config, save_config  # noqa: E402
+from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from model.train import TrainConfig, train  # noqa: E402
 
 
@@ -32,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="tiny", help="tiny | sd21 | PATH.yaml (TrainConfig fields over the tiny preset)")
     p.add_argument("--data", type=Path, required=True, help="a render output (pipelines/render_objaverse.py --output)")
     p.add_argument("--output", type=Path, required=True, help="run directory")
-    p.add_argument("--init", help="checkpoint directory to start from (stage 2: a stage-1 checkpoint)")
+    p.add_argument("--init", help="checkpoint directory to start from (stage 2: a stage-1 checkpoint), or an original "
+                                  "LDM file (sd-v2.1-base-4view.pt, isotropic3d.ckpt), converted on the fly")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", help="latest | PATH: continue from a checkpoint of this run")
     p.add_argument("--num-workers", type=int, default=0, help="0: this process; N: Ray Train DDP workers")
@@ -50,11 +52,19 @@ def main(argv=None) -> int:
         cfg.validate()
         if not (args.data / "objects").is_dir():
             raise ValueError(f"--data {args.data}: no objects/ folder (not a render output)")
+        if args.init and is_raw_checkpoint(Path(args.init)):
+            # An original MVDream / Isotropic3D / SD file: converted once, then its VAE (and image tower)
+            # serve unless the configuration names others.
+            args.init = str(as_checkpoint_dir(Path(args.init), model_cfg=cfg.model))
+            if cfg.model.latent == "vae" and cfg.model.vae_path is None and (Path(args.init) / "vae").is_dir():
+                cfg.model.vae_path = str(Path(args.init) / "vae")
+            if cfg.model.encoder.weights is None and (Path(args.init) / "encoder.safetensors").is_file():
+                cfg.model.encoder.weights = str(Path(args.init) / "encoder.safetensors")
         if args.init and not (Path(args.init) / "model.safetensors").is_file():
-            raise ValueError(f"--init {args.init}: no model.safetensors (not a checkpoint directory)")
+            raise ValueError(f"--init {args.init}: no model.safetensors (not a checkpoint directory or LDM checkpoint file)")
         if args.stage == 2 and not args.init and not args.resume:
             raise ValueError("--stage 2 starts from a stage-1 checkpoint: give --init")
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError) as e:      # ConversionError is a ValueError
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
     args.output.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
 
 from common.config import ConfigError, load_config  # noqa: E402
+from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from optimize3d.export import EmptyMeshError  # noqa: E402
 from optimize3d.inputs import FORMATS, InputImageError, load_input_image  # noqa: E402
 from optimize3d.optimize import GenerateConfig, generate  # noqa: E402
@@ -37,7 +38,8 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="one image (PNG/JPEG/WebP; RGB = plain background assumed)")
     src.add_argument("--images", type=Path, help="a folder of images: one Ray task each")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory of pipelines/finetune.py")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory (finetune.py, convert_checkpoint.py) or an original "
+                   "LDM file such as isotropic3d.ckpt (converted once into $ISO3D_CACHE/converted)")
     p.add_argument("--output", type=Path, default=Path("outputs/generate"), help="default: %(default)s")
     p.add_argument("--config", default="auto", help="auto | tiny | sd21 | PATH.yaml (GenerateConfig fields over the preset)")
     p.add_argument("--steps", type=int, help="optimisation steps (tiny: 300, sd21: 10000)")
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), *argv])
     try:
+        if is_raw_checkpoint(args.checkpoint):           # an original LDM file: converted once, then reused
+            args.checkpoint = as_checkpoint_dir(args.checkpoint)
         cfg = resolve_config(args)
         if not (args.checkpoint / "model.safetensors").is_file():
             raise ValueError(f"--checkpoint {args.checkpoint}: no model.safetensors (not a checkpoint directory)")

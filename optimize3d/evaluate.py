@@ -1,0 +1,141 @@
+"""Evaluation of a generation run against a rendered ground-truth object (FACTS.md conventions).
+
+    metrics = evaluate_run(run_dir, gt_object_dir, gt_mesh_path)      # also writes run_dir/metrics.json
+    python -m optimize3d.evaluate RUN_DIR GT_OBJECT_DIR GT_MESH
+
+2D stage: PSNR and SSIM of the 4 sampled views (multiview/, azimuths 0/90/180/270 at the preview
+elevation) against the fixed-set ground-truth views at the same cameras, on white, at the model's size.
+3D stage: PSNR, SSIM and silhouette IoU of the NeRF's renders at the 16 fixed-set cameras; Chamfer
+distance and volume IoU (64^3) between the exported mesh and the ground-truth mesh, both normalised
+into the unit box (centred on their bounding box, largest extent 1).
+Chamfer distance here = (mean nearest distance mesh->gt + mean gt->mesh) / 2, from 20,000 surface
+samples each. The run's az = 0 is the input view: the input must be the fixed view 0 of the object
+(azimuth 0), or the ground truth would need rotating first.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from PIL import Image
+
+from common.atomic import atomic_write_json
+from render.preview import on_white
+
+SURFACE_SAMPLES = 20_000
+VOLUME_RESOLUTION = 64
+
+
+# ---------------------------------------------------------------------------- metrics
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Images in [0, 1]; identical images give inf."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """[H, W, 3] in [0, 1] (scikit-image's SSIM, Gaussian-free 7x7 windows)."""
+    from skimage.metrics import structural_similarity
+    return float(structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), channel_axis=-1,
+                                       data_range=1.0, win_size=min(7, min(a.shape[:2]) // 2 * 2 - 1)))
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def unit_box(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """Centred on its bounding box, largest extent 1."""
+    out = mesh.copy()
+    lo, hi = out.bounds
+    out.apply_translation(-(lo + hi) / 2)
+    out.apply_scale(1.0 / float((hi - lo).max()))
+    return out
+
+
+def chamfer_distance(a: trimesh.Trimesh, b: trimesh.Trimesh, samples: int = SURFACE_SAMPLES, seed: int = 0) -> float:
+    from scipy.spatial import cKDTree
+    a, b = unit_box(a), unit_box(b)
+    pa = trimesh.sample.sample_surface(a, samples, seed=seed)[0]
+    pb = trimesh.sample.sample_surface(b, samples, seed=seed + 1)[0]
+    return float((cKDTree(pb).query(pa)[0].mean() + cKDTree(pa).query(pb)[0].mean()) / 2)
+
+
+def volume_iou(a: trimesh.Trimesh, b: trimesh.Trimesh, resolution: int = VOLUME_RESOLUTION) -> float:
+    """IoU of the filled voxelisations at resolution^3 over the unit box [-0.5, 0.5]^3 (trimesh's
+    voxelisation keeps every voxel the surface touches: a little conservative, equally for both)."""
+    centres = (np.indices((resolution,) * 3).reshape(3, -1).T + 0.5) / resolution - 0.5
+
+    def filled(mesh):
+        return mesh.voxelized(pitch=1.0 / resolution).fill().is_filled(centres)
+    return mask_iou(filled(unit_box(a)), filled(unit_box(b)))
+
+
+# ---------------------------------------------------------------------------- a run
+def _gt_view(obj_dir: Path, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    img = Image.open(obj_dir / "fixed" / f"{index:03d}.png").convert("RGBA")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.LANCZOS)
+    rgb = np.asarray(on_white(img), np.float32) / 255.0
+    return rgb, np.asarray(img, np.float32)[..., 3] / 255.0 > 0.5
+
+
+def load_mesh(path: Path) -> trimesh.Trimesh:
+    mesh = trimesh.load(path, force="mesh")
+    if len(mesh.faces) == 0:
+        raise ValueError(f"mesh {path}: no faces")
+    return mesh
+
+
+@torch.no_grad()
+def render_fixed_views(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run's NeRF at the 16 fixed-set cameras -> rgb [16, H, W, 3], opacity [16, H, W]."""
+    from common.config import load_config
+    from optimize3d.optimize import GenerateConfig, build_field, latest_nerf, load_nerf
+    from optimize3d.renderer import render_views
+    from render.cameras import DISTANCE, LENS_MM, SENSOR_MM, c2w_blender, fixed_angles
+    cfg = load_config(GenerateConfig, run_dir / "config.yaml")
+    nerf, grid, _ = build_field(cfg, torch.device("cpu"))
+    load_nerf(latest_nerf(run_dir / "nerf"), nerf, grid)
+    c2w = torch.tensor(np.stack([c2w_blender(az, el, DISTANCE) for az, el in fixed_angles()]), dtype=torch.float32)
+    fov = torch.full((len(c2w),), 2 * math.degrees(math.atan(SENSOR_MM / 2 / LENS_MM)))
+    out = render_views(nerf, grid, c2w, fov, size, cfg.march, ray_chunk=1 << 14)
+    return out["rgb"].permute(0, 2, 3, 1).clamp(0, 1).numpy(), out["opacity"][:, 0].numpy()
+
+
+def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | None = None) -> dict:
+    run_dir, gt_object_dir = Path(run_dir), Path(gt_object_dir)
+    views = sorted((run_dir / "multiview").glob("*.png"))
+    if len(views) != 4:
+        raise FileNotFoundError(f"run {run_dir}: expected 4 sampled views in multiview/, found {len(views)}")
+    size2d = Image.open(views[0]).size[0]
+    size3d = size or size2d
+    pairs2d = [(np.asarray(Image.open(v).convert("RGB"), np.float32) / 255.0, _gt_view(gt_object_dir, 4 * i, size2d)[0])
+               for i, v in enumerate(views)]                       # fixed views 0, 4, 8, 12 = azimuths 0, 90, 180, 270
+    rgb, opacity = render_fixed_views(run_dir, size3d)
+    gt = [_gt_view(gt_object_dir, i, size3d) for i in range(len(rgb))]
+    mesh = load_mesh(next(run_dir.glob("mesh.*")))
+    truth = load_mesh(Path(gt_mesh))
+    metrics = {
+        "2d": {"psnr": float(np.mean([psnr(a, b) for a, b in pairs2d])),
+               "ssim": float(np.mean([ssim(a, b) for a, b in pairs2d])), "views": 4, "size": size2d},
+        "3d": {"psnr": float(np.mean([psnr(rgb[i], gt[i][0]) for i in range(len(rgb))])),
+               "ssim": float(np.mean([ssim(rgb[i], gt[i][0]) for i in range(len(rgb))])),
+               "silhouette_iou": float(np.mean([mask_iou(opacity[i] > 0.5, gt[i][1]) for i in range(len(rgb))])),
+               "chamfer": chamfer_distance(mesh, truth), "volume_iou": volume_iou(mesh, truth),
+               "views": len(rgb), "size": size3d},
+        "ground_truth": {"object": str(gt_object_dir), "mesh": str(gt_mesh)},
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    print(json.dumps(evaluate_run(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])), indent=1))
