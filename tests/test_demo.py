@@ -1,0 +1,117 @@
+"""pipelines/demo.py: the chained stages and their cache (tiny settings), and report.html in headless
+Chromium (Debian's chromium package; .ci/run installs it)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = str(ROOT / "pipelines" / "demo.py")
+# 4 objects at 32 px; val_percent 25 holds out demo2-0-002-cylinder and demo2-0-003-cone.
+SMALL = ["render.count=4", "render.resolution=32", "render.samples=4", "render.denoiser=none", "val_percent=25",
+         "stage1.max_steps=2", "stage2.max_steps=2", "generate.steps=4",
+         "generate.overrides=[val_every=4,ckpt_every=2,preview_steps=2,export.resolution=32,export.threshold=3,"
+         "export.turntable_frames=4,export.turntable_size=32]"]
+
+
+def run(out, *extra, timeout=900):
+    r = subprocess.run([sys.executable, SCRIPT, "--output", str(out), *SMALL, *extra], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def stage_dirs(out):
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.split("-")[0] in ("render", "stage1", "stage2", "generate"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run(out)
+
+
+def test_demo_writes_mesh_metrics_and_report(demo):
+    out, summary = demo
+    assert summary["object"] == "demo2-0-002-cylinder" and not any(summary["cached"].values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("psnr", "ssim"):
+        assert 0 < metrics["2d"][key] and 0 < metrics["3d"][key]
+    assert 0 <= metrics["3d"]["silhouette_iou"] <= 1 and 0 <= metrics["3d"]["volume_iou"] <= 1
+    assert metrics["3d"]["chamfer"] > 0
+    run_dir = ROOT / metrics["run"] if not os.path.isabs(metrics["run"]) else metrics["run"]
+    assert (os.path.isfile(os.path.join(run_dir, "mesh.glb")) and os.path.isfile(os.path.join(run_dir, "turntable.gif")))
+    html = (out / "report.html").read_text()
+    assert "<model-viewer" in html and "silhouette_iou" in html and "multiview.png" in html
+    assert not list(out.glob("*.partial"))
+
+
+def test_second_run_reuses_everything(demo):
+    out, first = demo
+    t = time.time()
+    again = run(out)
+    assert all(again["cached"].values()) and time.time() - t < 60
+    assert again["3d"] == first["3d"]
+
+
+def test_changed_3d_setting_redoes_only_the_3d_stage(demo):
+    out, first = demo
+    before = stage_dirs(out)
+    changed = run(out, "generate.steps=3")
+    assert changed["cached"] == {"render": True, "stage1": True, "stage2": True, "generate": False}
+    new = set(stage_dirs(out)) - set(before)
+    assert len(new) == 1 and new.pop().startswith("generate-")
+
+
+def test_force_redoes_that_stage_and_what_follows(demo):
+    out, _ = demo
+    forced = run(out, "--force", "stage2")
+    assert forced["cached"] == {"render": True, "stage1": True, "stage2": False, "generate": False}
+
+
+def test_changed_render_setting_rerenders_and_retrains(demo):
+    out, first = demo
+    changed = run(out, "render.samples=2")
+    assert not any(changed["cached"].values())
+    assert changed["keys"]["render"] != first["keys"]["render"] and changed["keys"]["stage1"] != first["keys"]["stage1"]
+
+
+def test_killed_stage_is_not_taken_as_complete(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--output", str(out), *SMALL], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not list(out.glob("stage1-*.partial/checkpoints/step-*")) and time.time() < deadline:
+        assert proc.poll() is None, "the demo ended before stage 1 wrote a checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [p.name.split("-")[0] for p in out.glob("*.partial")] == ["stage1"]
+    assert [p.name for p in out.glob("stage1-*") if not p.name.endswith(".partial")] == []
+    summary = run(out)
+    assert summary["cached"] == {"render": True, "stage1": False, "stage2": False, "generate": False}
+    assert not list(out.glob("*.partial"))
+
+
+def test_report_opens_in_headless_chromium_with_the_3d_view_loaded(demo, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run and `make setup-browser` install Debian's package)")
+    out, _ = demo
+    if "model-viewer-umd.min.js" not in (out / "report.html").read_text():
+        pytest.fail("report.html has no model-viewer: run `make setup` (npm ci in pipelines/web)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1100,1400"]
+    url = (out / "report.html").as_uri()
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    assert 'data-model-loaded="true"' in dom
+    shot = out / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    assert shot.stat().st_size > 10_000
