@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("object", "2d", "3d", "seconds", "cached")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("object", "2d", "3d", "seconds", "cached", "keys")}, indent=1))
     print(f"demo: {time.time() - t:.0f} s; report: {args.output / 'report.html'}", file=sys.stderr)
     return 0
 

@@ -41,8 +41,8 @@ def test_demo_writes_mesh_metrics_and_report(demo):
     out, summary = demo
     assert summary["object"] == "demo2-0-002-cylinder" and not any(summary["cached"].values())
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("psnr", "ssim"):
-        assert 0 < metrics["2d"][key] and 0 < metrics["3d"][key]
+    assert metrics["2d"]["psnr"] > 0 and metrics["3d"]["psnr"] > 0
+    assert -1 <= metrics["2d"]["ssim"] <= 1 and -1 <= metrics["3d"]["ssim"] <= 1
     assert 0 <= metrics["3d"]["silhouette_iou"] <= 1 and 0 <= metrics["3d"]["volume_iou"] <= 1
     assert metrics["3d"]["chamfer"] > 0
     run_dir = ROOT / metrics["run"] if not os.path.isabs(metrics["run"]) else metrics["run"]
