@@ -131,9 +131,6 @@ def to_image(x: torch.Tensor) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------- checkpoints of the field
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
 def save_nerf(root: Path, step: int, nerf: Field, grid, opt) -> None:
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-{final.name}"
@@ -146,13 +143,13 @@ def save_nerf(root: Path, step: int, nerf: Field, grid, opt) -> None:
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     replace_dir(tmp, final)
     for old in root.glob("step-*"):          # the latest checkpoint is all a resume needs
-        if old != final and STEP_DIR.match(old.name):
+        if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_nerf(root: Path) -> Optional[Path]:
-    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.match(p.name))]
-    return max(found)[1] if found else None
+    from model.checkpoint import latest
+    return latest(root)
 
 
 def load_nerf(path: Path, nerf: Field, grid, opt=None) -> int:
