@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -52,11 +51,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            raise ConversionError(f"checkpoint {path}: needs pickle to load (it holds more than tensors), refused; "
-                                  f"save its state_dict to .safetensors with a tool you trust ({str(e).splitlines()[0][:120]})") from None
-        except RuntimeError as e:
-            raise ConversionError(f"checkpoint {path}: not a torch checkpoint ({str(e).splitlines()[0][:120]})") from None
+        except Exception as e:   # noqa: BLE001 - torch raises UnpicklingError for anything beyond tensors
+            first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            if type(e).__name__ == "UnpicklingError":
+                raise ConversionError(f"checkpoint {path}: needs pickle to load (it holds more than tensors), refused; "
+                                      f"save its state_dict to .safetensors with a tool you trust ({first})") from None
+            raise ConversionError(f"checkpoint {path}: not a torch checkpoint ({first})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]                       # Lightning-style wrapper
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
