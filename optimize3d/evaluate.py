@@ -121,10 +121,9 @@ def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | 
                for i, v in enumerate(views)]                       # fixed views 0, 4, 8, 12 = azimuths 0, 90, 180, 270
     rgb, opacity = render_fixed_views(run_dir, size3d)
     gt = [_gt_view(gt_object_dir, i, size3d) for i in range(len(rgb))]
-    meshes = sorted(run_dir.glob("mesh.*"))
-    if not meshes:
-        raise FileNotFoundError(f"run {run_dir}: no mesh (the export failed or has not run)")
-    mesh = load_mesh(meshes[0])
+    if not (run_dir / "mesh.glb").is_file():
+        raise FileNotFoundError(f"run {run_dir}: no mesh.glb (the export failed or has not run)")
+    mesh = load_mesh(run_dir / "mesh.glb")
     truth = load_mesh(Path(gt_mesh))
     metrics = {
         "2d": {"psnr": float(np.mean([psnr(a, b) for a, b in pairs2d])),

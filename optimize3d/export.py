@@ -30,7 +30,7 @@ class ExportConfig:
     threshold: float = 10.0
     """Density of the surface (10 to 25 for the paper's settings; too high gives an empty mesh)."""
     format: str = "glb"
-    """glb | obj | ply"""
+    """glb | obj | ply: mesh.glb is always written; obj or ply in addition."""
     min_faces: int = 16
     """Fewer faces than this is a degenerate mesh (an error, not a file)."""
     turntable_frames: int = 36

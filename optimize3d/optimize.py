@@ -253,7 +253,12 @@ def run_dir_name(image: Path, key: str) -> str:
 
 def export_outputs(nerf: Field, grid, cfg: GenerateConfig, work: Path) -> dict:
     mesh = extract_mesh(nerf, cfg.export)
-    save_mesh(mesh, work / f"mesh.{cfg.export.format}")
+    formats = {"glb", cfg.export.format}          # mesh.glb always (browsers, report.html), plus the one asked for
+    for fmt in formats:
+        save_mesh(mesh, work / f"mesh.{fmt}")
+    for stale in work.glob("mesh.*"):              # a format asked for by an earlier export
+        if stale.suffix.lstrip(".") not in formats:
+            stale.unlink()
     frames = turntable_frames(nerf, grid, cfg.march, cfg.export)
     save_turntable(frames, work / f"turntable.{cfg.export.turntable_format}")
     info = {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),

@@ -66,7 +66,9 @@ def test_rerun_is_cached_and_export_settings_only_reexport(generated, input_imag
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads(r.stdout)
     assert again["status"] == "ok" and again["output"] == d              # same directory, not a new optimisation
-    assert (out / d.rsplit("/", 1)[1] / "mesh.obj").is_file()
+    assert (out / d.rsplit("/", 1)[1] / "mesh.obj").is_file() and (out / d.rsplit("/", 1)[1] / "mesh.glb").is_file()
+    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST, "export.format=ply")
+    assert r.returncode == 0 and not (out / d.rsplit("/", 1)[1] / "mesh.obj").exists()   # no stale format left
     assert (out / d.rsplit("/", 1)[1] / "losses.jsonl").read_text() == losses
 
 
