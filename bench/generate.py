@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import random
 import resource
@@ -31,7 +30,7 @@ from optimize3d.guidance import MultiViewGuidance  # noqa: E402
 from optimize3d.march import MarchConfig, camera_rays, march, new_occupancy_grid, update_grid  # noqa: E402
 from optimize3d.optimize import GenerateConfig, build_field, sample_cameras  # noqa: E402
 from optimize3d.renderer import render_views  # noqa: E402
-from render.cameras import c2w_blender  # noqa: E402
+from render.cameras import DISTANCE, FOV_DEG, c2w_blender  # noqa: E402
 
 
 def sds_speed(device, steps: int) -> dict:
@@ -81,9 +80,9 @@ def marching(device, size: int) -> list[dict]:
     nerf = Field(FieldConfig.tiny()).to(device)
     with torch.no_grad():                       # a lumpy object rather than the plain blob
         nerf.encoding.embeddings.normal_(0, 1.0)
-    c2w = torch.tensor(np.stack([c2w_blender(az, 20.0, 1.5 / math.tan(math.radians(24.55)) * 0.685)
-                                 for az in (0, 90, 180, 270)]), dtype=torch.float32, device=device)
-    fov = torch.full((4,), 49.1)
+    c2w = torch.tensor(np.stack([c2w_blender(az, 20.0, DISTANCE) for az in (0, 90, 180, 270)]),
+                       dtype=torch.float32, device=device)
+    fov = torch.full((4,), FOV_DEG)
     o, d = camera_rays(c2w, fov, size)
     sample_fn = lambda x, dd, ri: (lambda s, a: (s, a))(*nerf(x))  # noqa: E731
     ref = march(sample_fn, o, d, 1.0, MarchConfig(samples_per_ray=1024, marcher="torch"))["values"]

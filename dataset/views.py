@@ -67,13 +67,17 @@ class RenderedObject:
         v = self.cameras[view_set][index]
         return v["azimuth_deg"], v["elevation_deg"]
 
-    def image(self, view_set: str, index: int, size: int | None = None) -> torch.Tensor:
-        """[3, H, W] in [-1, 1], composited on white as rgb * a + (1 - a)."""
+    def rgba(self, view_set: str, index: int, size: int | None = None) -> Image.Image:
+        """The view as rendered (straight alpha), resized to size x size if given."""
         with Image.open(self.png(view_set, index)) as img:
             img = img.convert("RGBA")
             if size is not None and size != img.size[0]:
                 img = img.resize((size, size), Image.Resampling.LANCZOS)  # on straight alpha, before compositing
-            rgb = np.asarray(on_white(img), dtype=np.float32) / 255.0
+        return img
+
+    def image(self, view_set: str, index: int, size: int | None = None) -> torch.Tensor:
+        """[3, H, W] in [-1, 1], composited on white as rgb * a + (1 - a)."""
+        rgb = np.asarray(on_white(self.rgba(view_set, index, size)), dtype=np.float32) / 255.0
         return torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1
 
 

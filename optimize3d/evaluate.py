@@ -79,12 +79,10 @@ def volume_iou(a: trimesh.Trimesh, b: trimesh.Trimesh, resolution: int = VOLUME_
 
 
 # ---------------------------------------------------------------------------- a run
-def _gt_view(obj_dir: Path, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    img = Image.open(obj_dir / "fixed" / f"{index:03d}.png").convert("RGBA")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.LANCZOS)
-    rgb = np.asarray(on_white(img), np.float32) / 255.0
-    return rgb, np.asarray(img, np.float32)[..., 3] / 255.0 > 0.5
+def _gt_view(obj, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-set ground-truth view: rgb on white [H, W, 3] in [0, 1], silhouette (alpha > 0.5)."""
+    img = obj.rgba("fixed", index, size)
+    return np.asarray(on_white(img), np.float32) / 255.0, np.asarray(img, np.float32)[..., 3] / 255.0 > 0.5
 
 
 def load_mesh(path: Path) -> trimesh.Trimesh:
@@ -100,27 +98,29 @@ def render_fixed_views(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray
     from common.config import load_config
     from optimize3d.optimize import GenerateConfig, build_field, latest_nerf, load_nerf
     from optimize3d.renderer import render_views
-    from render.cameras import DISTANCE, LENS_MM, SENSOR_MM, c2w_blender, fixed_angles
+    from render.cameras import DISTANCE, FOV_DEG, c2w_blender, fixed_angles
     cfg = load_config(GenerateConfig, run_dir / "config.yaml")
     nerf, grid, _ = build_field(cfg, torch.device("cpu"))
     load_nerf(latest_nerf(run_dir / "nerf"), nerf, grid)
     c2w = torch.tensor(np.stack([c2w_blender(az, el, DISTANCE) for az, el in fixed_angles()]), dtype=torch.float32)
-    fov = torch.full((len(c2w),), 2 * math.degrees(math.atan(SENSOR_MM / 2 / LENS_MM)))
+    fov = torch.full((len(c2w),), FOV_DEG)
     out = render_views(nerf, grid, c2w, fov, size, cfg.march, ray_chunk=1 << 14)
     return out["rgb"].permute(0, 2, 3, 1).clamp(0, 1).numpy(), out["opacity"][:, 0].numpy()
 
 
 def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | None = None) -> dict:
+    from dataset.views import RenderedObject
     run_dir, gt_object_dir = Path(run_dir), Path(gt_object_dir)
+    obj = RenderedObject.open(gt_object_dir)
     views = sorted((run_dir / "multiview").glob("*.png"))
     if len(views) != 4:
         raise FileNotFoundError(f"run {run_dir}: expected 4 sampled views in multiview/, found {len(views)}")
     size2d = Image.open(views[0]).size[0]
     size3d = size or size2d
-    pairs2d = [(np.asarray(Image.open(v).convert("RGB"), np.float32) / 255.0, _gt_view(gt_object_dir, 4 * i, size2d)[0])
+    pairs2d = [(np.asarray(Image.open(v).convert("RGB"), np.float32) / 255.0, _gt_view(obj, 4 * i, size2d)[0])
                for i, v in enumerate(views)]                       # fixed views 0, 4, 8, 12 = azimuths 0, 90, 180, 270
     rgb, opacity = render_fixed_views(run_dir, size3d)
-    gt = [_gt_view(gt_object_dir, i, size3d) for i in range(len(rgb))]
+    gt = [_gt_view(obj, i, size3d) for i in range(len(rgb))]
     if not (run_dir / "mesh.glb").is_file():
         raise FileNotFoundError(f"run {run_dir}: no mesh.glb (the export failed or has not run)")
     mesh = load_mesh(run_dir / "mesh.glb")

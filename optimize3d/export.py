@@ -18,7 +18,7 @@ import torch
 import trimesh
 
 from common.atomic import atomic_write_bytes
-from render.cameras import c2w_blender
+from render.cameras import DISTANCE, FOV_DEG, c2w_blender
 
 Z_UP_TO_Y_UP = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
 
@@ -36,8 +36,8 @@ class ExportConfig:
     turntable_frames: int = 36
     turntable_size: int = 256
     turntable_elevation: float = 20.0
-    turntable_fov: float = 49.1
-    turntable_distance: float = 1.5
+    turntable_fov: float = FOV_DEG
+    turntable_distance: float = DISTANCE
     turntable_format: str = "gif"
     """gif (pillow) | mp4 (needs imageio-ffmpeg)."""
 

@@ -37,9 +37,11 @@ from optimize3d.guidance import GuidanceConfig, MultiViewGuidance, linear_ramp
 from optimize3d.march import MarchConfig, new_occupancy_grid, update_grid
 from optimize3d.renderer import render_views
 from optimize3d.shading import draw_shading, light_positions
-from render.cameras import c2w_blender
+from render.cameras import DISTANCE, FOV_DEG, c2w_blender
 
 SCHEMA_VERSION = 1
+# The renders' camera (distance 1.5, FOV ~49.1) as distance x tan(FOV / 2): the tiny model's training cameras.
+TRAINING_RELATIVE_DISTANCE = DISTANCE * math.tan(math.radians(FOV_DEG) / 2)
 log = logging.getLogger("generate")
 
 
@@ -96,7 +98,7 @@ class GenerateConfig:
             nerf=FieldConfig.tiny(), march=MarchConfig.tiny(),
             guidance=GuidanceConfig(t_anneal_steps=int(steps * 0.8)),
             export=ExportConfig(resolution=96, threshold=5.0, turntable_frames=24, turntable_size=96),
-            steps=steps, fov_range=[49.1, 49.1], relative_distance_range=[0.685, 0.685],
+            steps=steps, fov_range=[FOV_DEG, FOV_DEG], relative_distance_range=[TRAINING_RELATIVE_DISTANCE] * 2,
             resolutions=[32], resolution_milestones=[], shading_start=steps // 2,
             orientation_ramp_steps=steps // 2, lr_grid=0.01, lr_mlp=0.001,
             val_every=100, ckpt_every=100, log_every=10, preview_steps=20)

@@ -30,7 +30,6 @@ def render_views(field, grid, c2w_gl: torch.Tensor, fov_deg: torch.Tensor, size:
 
     def sample_fn(x, d, ray_index):
         sigma, albedo = field(x)
-        parts = []
         if need_normals:
             n = field.normals(x, sigma)
             light = lights[ray_index // per_view] if lights is not None else None

@@ -24,6 +24,7 @@ SENSOR_MM = 32.0          # horizontal sensor width (sensor fit HORIZONTAL)
 FIXED_ELEVATION = 30.0    # degrees, fixed set
 RANDOM_ELEVATION = (-10.0, 40.0)  # degrees, uniform per view, random set
 BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
+FOV_DEG = 2 * math.degrees(math.atan(SENSOR_MM / 2 / LENS_MM))   # horizontal = vertical (square images), ~49.1
 
 
 def intrinsics(resolution: int, lens_mm: float = LENS_MM, sensor_mm: float = SENSOR_MM) -> np.ndarray:
