@@ -62,6 +62,12 @@ def config_hash(data: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (ints, strings), the same in every process and on every machine
+    (Python's hash() of a string changes per process)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
 def file_digest(path: str | Path) -> str:
     """A cheap identity of a large file (weights): its size + a hash of its first and last MiB."""
     p = Path(path)

@@ -1,17 +1,27 @@
-"""Checkpoints (DESIGN.md section 3): a directory per step, complete only once renamed into place.
+"""Checkpoints: a directory per step, complete only once renamed into place.
 
     checkpoints/step-000100/
-      config.json          the resolved model configuration (camera featurisation included)
-      model.safetensors    UNet + camera MLP (frozen CLIP and VAE are referenced by config, not copied)
+      config.json          the resolved model configuration (camera featurisation, preprocessing, VAE and
+                           encoder weights; relative paths are relative to this directory)
+      unet/                UNet + camera MLP as diffusers' save_pretrained writes them
+      scheduler/           the noise schedule (diffusers DDPMScheduler)
+      vae -> ...           a link to the frozen VAE folder the model uses (not a copy)
       training_state/      optimizer.pt, scheduler.pt (loaded with weights_only=True), state.json
+
+diffusers' own tooling reads `unet/` with UNet2DConditionModel.from_pretrained; what it does not know
+is the multi-view attention (model/unet.py: MultiViewAttnProcessor on every attn1) and that
+`class_labels` is the 16-number camera feature (model/mvmodel.py). Checkpoints written before `unet/`
+existed hold the same state dict as `model.safetensors`; they still load.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +29,24 @@ from safetensors.torch import load_file, save_file
 from common.atomic import replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+LEGACY_WEIGHTS = Path("model.safetensors")
+
+
+def write_unet(ckpt: Path, unet, state: Optional[dict] = None) -> None:
+    """`ckpt/unet/` as save_pretrained writes it; `state` (else the UNet's own) as its weights, so a UNet
+    on the meta device (a conversion) needs no memory for its parameters."""
+    if state is None:
+        unet.save_pretrained(Path(ckpt) / "unet", safe_serialization=True)
+        return
+    unet.save_config(Path(ckpt) / "unet")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(ckpt) / UNET_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+def write_scheduler(ckpt: Path) -> None:
+    from model.mvmodel import noise_schedule
+    noise_schedule().save_pretrained(Path(ckpt) / "scheduler")
 
 
 def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None) -> Path:
@@ -26,8 +54,17 @@ def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extr
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "training_state").mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()}, str(tmp / "model.safetensors"))
+    cfg = model.cfg
+    if cfg.vae_path is not None:
+        # Frozen weights stay out of checkpoints: a link to the VAE folder, and an absolute path in config.json.
+        vae = Path(cfg.vae_path).resolve()
+        os.symlink(vae, tmp / "vae", target_is_directory=True)
+        cfg = dataclasses.replace(cfg, vae_path=str(vae))
+    if cfg.encoder.weights is not None:
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, weights=str(Path(cfg.encoder.weights).resolve())))
+    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    write_unet(tmp, model.unet)
+    write_scheduler(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "training_state" / "scheduler.pt")
@@ -41,18 +78,47 @@ def latest(ckpt_root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def weights_file(path: Path) -> Optional[Path]:
+    """The UNet weights of a checkpoint directory (unet/, or the older model.safetensors), else None."""
+    for rel in (UNET_WEIGHTS, LEGACY_WEIGHTS):
+        if (Path(path) / rel).is_file():
+            return Path(path) / rel
+    return None
+
+
+def find(path: Path, what: str = "checkpoint") -> Path:
+    """A checkpoint directory as is; a run directory (finetune.py --output) -> its latest checkpoint.
+    Anything else: one line naming `path` and what is wrong (FileNotFoundError)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path}: does not exist")
+    if path.is_dir() and weights_file(path) is not None:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{what} {path}: no config.json beside its weights (an incomplete checkpoint)")
+        return path
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        step = latest(path / "checkpoints")
+        if step is None:
+            raise FileNotFoundError(f"{what} {path}: a run directory without any checkpoint yet")
+        return find(step, what)
+    kind = "a directory" if path.is_dir() else "a file"
+    raise FileNotFoundError(f"{what} {path}: {kind}, but not a checkpoint directory (config.json + unet/), a run "
+                            "directory (checkpoints/step-N/) or an original LDM checkpoint (.ckpt/.pt/.safetensors)")
+
+
 def resolve(spec: str, ckpt_root: Path) -> Path:
     """'latest' or a path -> a complete checkpoint directory (a clear error otherwise)."""
     path = latest(ckpt_root) if spec == "latest" else Path(spec)
     if path is None:
         raise FileNotFoundError(f"--resume latest: no checkpoint in {ckpt_root}")
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no model.safetensors (not a checkpoint directory)")
-    return path
+    return find(path, "--resume")
 
 
 def load_model_weights(model, path: Path) -> None:
-    state = load_file(str(Path(path) / "model.safetensors"))
+    weights = weights_file(path)
+    if weights is None:
+        raise FileNotFoundError(f"checkpoint {path}: no UNet weights (unet/ or model.safetensors)")
+    state = load_file(str(weights))
     missing, unexpected = model.unet.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path}: does not fit this model ({len(missing)} missing keys, e.g. "
@@ -66,16 +132,46 @@ def load_training_state(path: Path, optimizer, scheduler) -> int:
     return json.loads((ts / "state.json").read_text())["step"]
 
 
-def load_model(path: Path):
-    """A checkpoint directory -> (MultiViewModel with its weights, in eval mode, on the CPU)."""
+def model_config(path: Path, overrides=()):
+    """The ModelConfig a checkpoint directory brings (its config.json; relative weight paths resolved
+    against the directory; its own vae/ and encoder.safetensors when the config names none), then
+    `key=value` overrides of ModelConfig fields (they win)."""
+    from common.config import load_config
+    from model.mvmodel import ModelConfig
+    path = Path(path)
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"checkpoint {path}: config.json unreadable ({type(e).__name__})") from None
+    cfg = _structured(saved)
+    if cfg.vae_path is None and cfg.latent == "vae" and (path / "vae" / "config.json").is_file():
+        cfg.vae_path = "vae"
+    if cfg.encoder.weights is None and (path / "encoder.safetensors").is_file():
+        cfg.encoder.weights = "encoder.safetensors"
+    if cfg.vae_path is not None:
+        cfg.vae_path = str((path / cfg.vae_path).resolve())
+    if cfg.encoder.weights is not None:
+        cfg.encoder.weights = str((path / cfg.encoder.weights).resolve())
+    return load_config(ModelConfig, None, list(overrides), base=cfg) if overrides else cfg
+
+
+def _structured(saved: dict):
     from omegaconf import OmegaConf
 
-    from model.mvmodel import ModelConfig, MultiViewModel
-    path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"checkpoint {path}: expected a directory with config.json and model.safetensors")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), json.loads((path / "config.json").read_text())))
-    model = MultiViewModel(cfg)
+    from common.config import ConfigError
+    from model.mvmodel import ModelConfig
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
+    except Exception as e:  # noqa: BLE001 - omegaconf's errors come in many types
+        raise ConfigError(f"checkpoint config.json: {str(e).splitlines()[0]}") from None
+
+
+def load_model(path: Path, model_cfg=None):
+    """A checkpoint directory -> (MultiViewModel with its weights, in eval mode, on the CPU). model_cfg:
+    the configuration to build (default: the one the checkpoint brings)."""
+    from model.mvmodel import MultiViewModel
+    path = find(path)
+    model = MultiViewModel(model_cfg or model_config(path))
     load_model_weights(model, path)
     return model.eval().requires_grad_(False)
 
@@ -83,5 +179,5 @@ def load_model(path: Path):
 def identity(path: Path) -> str:
     """What a checkpoint's outputs depend on, cheaply: its config and its weights file's digest."""
     from common.config import config_hash, file_digest
-    path = Path(path)
-    return config_hash([(path / "config.json").read_text(), file_digest(path / "model.safetensors")])
+    path = find(path)
+    return config_hash([(path / "config.json").read_text(), file_digest(weights_file(path))])

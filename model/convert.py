@@ -4,10 +4,12 @@ an SD 2.1 .ckpt/.safetensors) into the project's checkpoint layout (DESIGN.md se
     python pipelines/convert_checkpoint.py --input isotropic3d.ckpt --output ckpt/iso3d \
         --camera-featurization isotropic3d-double-radians
 
-    ckpt/iso3d/config.json          ModelConfig (sd21 layout, camera featurisation, vae_path, encoder weights)
-    ckpt/iso3d/model.safetensors    UNet + camera MLP, diffusers naming
+    ckpt/iso3d/config.json          ModelConfig (layout, camera featurisation, preprocessing, vae_path, encoder weights)
+    ckpt/iso3d/unet/                UNet + camera MLP as diffusers' save_pretrained writes it
+    ckpt/iso3d/scheduler/           the noise schedule (diffusers DDPMScheduler config)
     ckpt/iso3d/vae/                 diffusers AutoencoderKL (from first_stage_model.*), when the file has it
     ckpt/iso3d/encoder.safetensors  OpenCLIP image tower (from cond_stage_model.model.visual.*), when present
+Paths in config.json are relative to the directory (it can be moved or copied whole).
 
 Key renaming is diffusers' own (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`); MVDream adds
 only the camera MLP (`camera_embed.0/2`, which is diffusers' projection class embedding, `label_emb.0.0/2`
@@ -34,7 +36,6 @@ VAE_PREFIX = "first_stage_model."
 VISUAL_PREFIX = "cond_stage_model.model.visual."
 CAMERA_RENAME = {"camera_embed.0.": "label_emb.0.0.", "camera_embed.2.": "label_emb.0.2."}
 RAW_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
-FEATURIZATIONS = ("mvdream", "isotropic3d-double-radians")
 
 
 class ConversionError(ValueError):
@@ -47,21 +48,34 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConversionError(f"checkpoint {path}: not a file")
     if path.suffix == ".safetensors":
-        sd = load_file(str(path))
-    else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, and OSError
+            raise ConversionError(f"checkpoint {path}: not a readable safetensors file ({_first_line(e)})") from None
+    else:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle stream (0x80 ..)
+        if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+            raise ConversionError(f"checkpoint {path}: not a torch checkpoint (neither a zip archive nor a pickle "
+                                  f"stream: it starts with {head!r})")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
         except Exception as e:   # noqa: BLE001 - torch raises UnpicklingError for anything beyond tensors
-            first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
             if type(e).__name__ == "UnpicklingError":
                 raise ConversionError(f"checkpoint {path}: needs pickle to load (it holds more than tensors), refused; "
-                                      f"save its state_dict to .safetensors with a tool you trust ({first})") from None
-            raise ConversionError(f"checkpoint {path}: not a torch checkpoint ({first})") from None
+                                      "save its state_dict to .safetensors with a tool you trust") from None
+            raise ConversionError(f"checkpoint {path}: not a torch checkpoint ({_first_line(e)})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]                       # Lightning-style wrapper
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ConversionError(f"checkpoint {path}: not a flat state dict of tensors")
     return sd
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def convert_unet_state(sd: dict, unet) -> dict[str, torch.Tensor]:
@@ -115,12 +129,15 @@ def extract_visual(sd: dict) -> Optional[dict[str, torch.Tensor]]:
 def convert(input_path: Path, output: Path, camera_featurization: Optional[str] = None,
             clip_weights: Optional[str] = None, model_cfg=None) -> Path:
     """Write a checkpoint directory; returns it. camera_featurization None: isotropic3d-double-radians
-    when the file carries the image tower (the released Isotropic3D checkpoint), else mvdream."""
-    from model.mvmodel import ModelConfig, MultiViewModel
+    when the file carries the image tower (the released Isotropic3D checkpoint), else mvdream; the
+    released checkpoint also gets the released inference's preprocessing."""
+    from model.checkpoint import write_unet, write_scheduler
+    from model.mvmodel import FEATURIZATIONS, ModelConfig, MultiViewModel
     from model.unet import build_unet
     if camera_featurization is not None and camera_featurization not in FEATURIZATIONS:
         raise ConversionError(f"camera featurization {camera_featurization!r}: expected one of {FEATURIZATIONS}")
     sd = read_state_dict(input_path)
+    clip_weights = str(Path(clip_weights).resolve()) if clip_weights else None
     cfg = model_cfg or ModelConfig.sd21()
     with torch.device("meta"):
         unet = build_unet(cfg.unet)
@@ -129,25 +146,27 @@ def convert(input_path: Path, output: Path, camera_featurization: Optional[str] 
     tmp = output.with_name(f".tmp-{output.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in unet_state.items()}, str(tmp / "model.safetensors"))
+    write_unet(tmp, unet, unet_state)
+    write_scheduler(tmp)
     visual = extract_visual(sd)
     if cfg.latent == "vae":
         from diffusers import AutoencoderKL
         with torch.device("meta"):
-            vae = MultiViewModel.new_vae()
+            vae = MultiViewModel.new_vae(cfg)
         vae_state = convert_vae_state(sd, vae)
         if vae_state is not None:
             real = AutoencoderKL.from_config(vae.config)
             real.load_state_dict(vae_state)
             real.save_pretrained(tmp / "vae", safe_serialization=True)
-            cfg = dataclasses.replace(cfg, vae_path=str((output / "vae").resolve()))
+            cfg = dataclasses.replace(cfg, vae_path="vae")
     if visual is not None:
         save_file({k: v.contiguous() for k, v in visual.items()}, str(tmp / "encoder.safetensors"))
-        clip_weights = clip_weights or str((output / "encoder.safetensors").resolve())
+        clip_weights = clip_weights or "encoder.safetensors"
     if clip_weights:
         cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, weights=str(clip_weights)))
     featurization = camera_featurization or ("isotropic3d-double-radians" if visual is not None else "mvdream")
-    cfg = dataclasses.replace(cfg, camera_featurization=featurization)
+    cfg = dataclasses.replace(cfg, camera_featurization=featurization,
+                              preprocessing="isotropic3d-release" if visual is not None else cfg.preprocessing)
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     (tmp / "source.json").write_text(json.dumps({"converted_from": str(Path(input_path).resolve()),
                                                  "digest": file_digest(input_path)}, indent=2))
@@ -174,6 +193,7 @@ def as_checkpoint_dir(path: Path, cache_root: Optional[Path] = None, **kwargs) -
         return path
     layout = kwargs.get("model_cfg")
     out = Path(cache_root) / f"{path.stem}-{file_digest(path)}{'-' + config_hash(layout.unet)[:8] if layout else ''}"
-    if (out / "model.safetensors").is_file():
+    from model.checkpoint import weights_file
+    if weights_file(out) is not None:
         return out
     return convert(path, out, **kwargs)

@@ -4,8 +4,11 @@
     enc = ImageEncoder(EncoderConfig(model="ViT-H-14", weights="/models/open_clip_vit_h14.bin"))
     emb = enc.encode([pil_image, ...])                       # [N, embed_dim]
 
-Preprocessing (Isotropic3D): RGBA composited on white, resized to the model's size with
-antialiasing, no crop, CLIP mean/std. The unconditional embedding is all zeros.
+Preprocessing, `preprocessing="project"`: RGBA composited on white, resized to the model's size
+(bicubic, antialiased), no crop, CLIP mean/std. `preprocessing="isotropic3d-release"`: what the released
+Isotropic3D inference does, number for number (area resize of the RGBA to 256 with OpenCV, composite on
+white, kornia's antialiased bicubic align-corners resize to the model's size, CLIP mean/std; needs
+opencv-python-headless and kornia). The unconditional embedding is all zeros.
 """
 from __future__ import annotations
 
@@ -49,9 +52,12 @@ _register_tiny_config()
 
 
 class ImageEncoder(torch.nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, preprocessing: str = "project"):
         super().__init__()
         import open_clip
+        if preprocessing not in ("project", "isotropic3d-release"):
+            raise ValueError(f"preprocessing {preprocessing!r}: expected project or isotropic3d-release")
+        self.preprocessing = preprocessing
         if cfg.weights is not None and not Path(cfg.weights).is_file():
             raise FileNotFoundError(f"encoder weights {cfg.weights}: not found")
         # weights_only loading inside open_clip for .bin/.pt; safetensors as such.
@@ -66,25 +72,44 @@ class ImageEncoder(torch.nn.Module):
         self.visual = model.visual.eval().requires_grad_(False)
         self.image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
         self.embed_dim = model.visual.output_dim
-        self.identity = encoder_identity(cfg)
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.identity = encoder_identity(cfg, preprocessing)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        arrays = [np.asarray(on_white(img), dtype=np.float32) / 255.0 for img in images]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.mean.device)
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 1)
-        return (x - self.mean) / self.std
+        return preprocess(images, self.image_size, self.preprocessing).to(next(self.visual.parameters()).device)
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
         return self.visual(self.preprocess(images)).float()
 
 
-def encoder_identity(cfg: EncoderConfig) -> str:
-    """What an embedding depends on: the model and its weights (cache keys use it)."""
-    return f"{cfg.model}:{file_digest(cfg.weights) if cfg.weights else f'random-init-seed{RANDOM_INIT_SEED}'}"
+def preprocess(images: list[Image.Image], size: int, preprocessing: str = "project") -> torch.Tensor:
+    """PIL images (RGBA composited on white; RGB as is) -> [N, 3, size, size], CLIP-normalised."""
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    if preprocessing == "isotropic3d-release":
+        # The released inference, step by step: its prepare_embeddings (OpenCV area resize of the RGBA to
+        # 256, composite on white, to [-1, 1]), then its image embedder's preprocess (kornia resize, [0, 1]).
+        import cv2
+        import kornia
+        rgbs = []
+        for img in images:
+            rgba = cv2.resize(np.asarray(img.convert("RGBA")), (256, 256), interpolation=cv2.INTER_AREA)
+            rgba = rgba.astype(np.float32) / 255.0
+            rgbs.append(rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]))
+        x = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2) * 2.0 - 1.0
+        x = kornia.geometry.resize(x, (size, size), interpolation="bicubic", align_corners=True, antialias=True)
+        return ((x + 1.0) / 2.0 - mean) / std
+    if preprocessing != "project":
+        raise ValueError(f"preprocessing {preprocessing!r}: expected project or isotropic3d-release")
+    arrays = [np.asarray(on_white(img), dtype=np.float32) / 255.0 for img in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return (x - mean) / std
+
+
+def encoder_identity(cfg: EncoderConfig, preprocessing: str = "project") -> str:
+    """What an embedding depends on: the model, its weights and the preprocessing (cache keys use it)."""
+    ident = f"{cfg.model}:{file_digest(cfg.weights) if cfg.weights else f'random-init-seed{RANDOM_INIT_SEED}'}"
+    return ident if preprocessing == "project" else f"{ident}:{preprocessing}"
 
 
 def _visual_only_weights(path: Optional[str]) -> Optional[dict]:

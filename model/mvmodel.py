@@ -7,9 +7,12 @@ its training loss (stage 1, and stage 2 with Explicit Multi-view Attention) and 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
@@ -21,6 +24,10 @@ NUM_TRAIN_TIMESTEPS = 1000
 LATENT_SCALE = 0.18215
 
 
+FEATURIZATIONS = ("mvdream", "isotropic3d-double-radians")
+PREPROCESSINGS = ("project", "isotropic3d-release")
+
+
 @dataclass
 class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -28,11 +35,24 @@ class ModelConfig:
     latent: str = "vae"
     """vae: SD's AutoencoderKL (sd21). pixel: the UNet works on the image itself (tiny)."""
     vae_path: Optional[str] = None
-    """Local diffusers AutoencoderKL folder; None = random weights (only for tests and benchmarks)."""
+    """Local diffusers AutoencoderKL folder (relative paths: to the checkpoint directory that names it).
+    None = random weights, refused unless allow_random_weights."""
+    vae_block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    """The VAE's layout (SD's: ch 128, ch_mult 1,2,4,4; the image shrinks by 2 per level after the first)."""
+    vae_layers_per_block: int = 2
     image_size: int = 256
     camera_featurization: str = "mvdream"
     """mvdream: flattened c2w with unit translation. isotropic3d-double-radians: the released
-    checkpoint's quirk (degrees converted to radians twice; see the real-weights issue)."""
+    checkpoint's quirk (degrees converted to radians twice, in a y-up frame; see double_radians_features)."""
+    preprocessing: str = "project"
+    """How CLIP inputs and the 3D stage's latents are prepared. isotropic3d-release: as the released
+    inference code (CLIP input area-resized to 256, composited, bicubic align-corners resize to 224 with
+    kornia's antialiasing; renders resized bilinearly without antialiasing and encoded with a *sample* of
+    the VAE posterior). project: composite then one antialiased bicubic resize; antialiased bilinear
+    resize and the posterior *mean* (deterministic, less gradient noise)."""
+    allow_random_weights: bool = False
+    """A VAE model without vae_path, or a non-tiny encoder without weights, is an error unless this is
+    true (tests, benchmarks): full-size results from random weights are never silent."""
 
     @staticmethod
     def tiny() -> "ModelConfig":
@@ -44,21 +64,59 @@ class ModelConfig:
     def sd21() -> "ModelConfig":
         return ModelConfig()
 
+    def validate(self) -> None:
+        """Checks that need no file read beyond existence: run before any long work starts."""
+        from model.encoder import TINY_MODEL
+        if self.latent not in ("vae", "pixel"):
+            raise ValueError(f"model.latent {self.latent!r}: expected vae or pixel")
+        if self.camera_featurization not in FEATURIZATIONS:
+            raise ValueError(f"model.camera_featurization {self.camera_featurization!r}: expected one of {', '.join(FEATURIZATIONS)}")
+        if self.preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"model.preprocessing {self.preprocessing!r}: expected one of {', '.join(PREPROCESSINGS)}")
+        if self.latent == "vae" and self.vae_path is None and not self.allow_random_weights:
+            raise ValueError("model.vae_path is not set: this model needs VAE weights (a diffusers AutoencoderKL folder, "
+                             "e.g. the vae/ of a converted checkpoint); set model.vae_path=DIR, or "
+                             "model.allow_random_weights=true for tests and benchmarks")
+        if self.vae_path is not None and not (Path(self.vae_path) / "config.json").is_file():
+            raise ValueError(f"model.vae_path {self.vae_path}: no config.json (not a diffusers AutoencoderKL folder)")
+        if self.encoder.weights is None and self.encoder.model != TINY_MODEL and not self.allow_random_weights:
+            raise ValueError(f"model.encoder.weights is not set: {self.encoder.model} needs its weights file (open_clip "
+                             ".bin/.pt/.safetensors); set model.encoder.weights=FILE, or model.allow_random_weights=true "
+                             "for tests and benchmarks")
+        if self.encoder.weights is not None and not Path(self.encoder.weights).is_file():
+            raise ValueError(f"model.encoder.weights {self.encoder.weights}: not a file")
+
+
+def _released_lookat(azimuth_deg: float, elevation_deg: float) -> np.ndarray:
+    """The released code's y-up look-at camera at (elevation, azimuth) degrees, flipped to z-up: in this
+    project's frame that is the camera at azimuth - 90 degrees (its azimuth 0 looks along -y, ours along -x)."""
+    from render.cameras import c2w_blender
+    return c2w_blender(azimuth_deg - 90.0, elevation_deg, 1.0)
+
 
 def double_radians_features(c2w_gl: torch.Tensor) -> torch.Tensor:
-    """The released Isotropic3D sampler's featurisation: it converts degrees to radians twice, so a camera
-    at (azimuth, elevation) degrees is embedded as the camera at (azimuth * pi/180, elevation * pi/180)
-    *degrees*: every view a small perturbation of el = az = 0. The angles are read off the camera
-    position, so any camera-to-world matrix can be given."""
-    import math
-
-    from render.cameras import c2w_blender
+    """The released Isotropic3D guidance's featurisation. It gets the elevation E and azimuth A (degrees) of
+    a camera, converts them to radians and hands them to a look-at helper that converts *again*, so the
+    camera embedded is the one at elevation E*pi/180 and azimuth A*pi/180 *degrees*: every view a small
+    perturbation of one matrix. A and E are read off the camera position (A in [0, 360)), so any
+    camera-to-world matrix can be given; the distance is dropped (unit translation)."""
     pos = c2w_gl[:, :3, 3].double()
     dist = pos.norm(dim=-1)
-    az = torch.rad2deg(torch.atan2(pos[:, 1], pos[:, 0])) % 360.0      # the sampler's azimuths are in [0, 360)
+    az = torch.rad2deg(torch.atan2(pos[:, 1], pos[:, 0])) % 360.0
     el = torch.rad2deg(torch.asin((pos[:, 2] / dist).clamp(-1, 1)))
-    quirky = [c2w_blender(math.radians(a), math.radians(e), 1.0) for a, e in zip(az.tolist(), el.tolist())]
-    return camera_features(torch.tensor(quirky, dtype=c2w_gl.dtype, device=c2w_gl.device))
+    quirky = [_released_lookat(math.radians(a), math.radians(e)) for a, e in zip(az.tolist(), el.tolist())]
+    return torch.tensor(np.stack(quirky).reshape(-1, 16), dtype=c2w_gl.dtype, device=c2w_gl.device)
+
+
+def released_preview_features(views: int = 4, elevation: float = 15.0) -> torch.Tensor:
+    """[views, 16]: the cameras of the released 2D sampler's preview (azimuths 360/views apart from 0,
+    elevation 15). Its helper converts the elevation to radians once more for each successive view, so
+    view k sits at elevation 15 * (pi/180)^(k+2) radians; azimuth A at A * (pi/180)^2."""
+    feats, el = [], elevation
+    for k in range(views):
+        el = math.radians(el)                      # the helper's loop: once per view, cumulatively
+        feats.append(_released_lookat(math.radians(k * 360.0 / views), el))
+    return torch.tensor(np.stack(feats).reshape(-1, 16), dtype=torch.float32)
 
 
 def noise_schedule() -> DDPMScheduler:
@@ -70,31 +128,34 @@ def noise_schedule() -> DDPMScheduler:
 class MultiViewModel(torch.nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.latent not in ("vae", "pixel"):
-            raise ValueError(f"latent {cfg.latent!r}: expected vae or pixel")
+        cfg.validate()
         self.cfg = cfg
         self.unet = build_unet(cfg.unet)
         self.vae = None
         if cfg.latent == "vae":
-            self.vae = AutoencoderKL.from_pretrained(cfg.vae_path) if cfg.vae_path else self.new_vae()
+            self.vae = AutoencoderKL.from_pretrained(cfg.vae_path) if cfg.vae_path else self.new_vae(cfg)
             self.vae.requires_grad_(False).eval()
         self.schedule = noise_schedule()
 
     @staticmethod
-    def new_vae() -> AutoencoderKL:
-        """SD's VAE layout (embed_dim 4, ch 128, ch_mult 1,2,4,4) with random weights."""
-        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                             layers_per_block=2, sample_size=256)
+    def new_vae(cfg: Optional[ModelConfig] = None) -> AutoencoderKL:
+        """The configured VAE layout (default SD's: embed_dim 4, ch 128, ch_mult 1,2,4,4) with random weights."""
+        cfg = cfg or ModelConfig()
+        levels = len(cfg.vae_block_out_channels)
+        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(cfg.vae_block_out_channels),
+                             down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                             layers_per_block=cfg.vae_layers_per_block, sample_size=cfg.image_size)
 
     # ------------------------------------------------------------------ pieces
-    def encode(self, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        """[N, 3, H, W] in [-1, 1] -> what the UNet denoises. grad=True: differentiable (score
-        distillation backpropagates through the VAE encoder into the renders)."""
+    def encode(self, images: torch.Tensor, grad: bool = False, sample: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> what the UNet denoises: the VAE posterior's mean, or a sample of it
+        drawn with the generator `sample`. grad=True: differentiable (score distillation backpropagates
+        through the VAE encoder into the renders)."""
         if self.vae is None:
             return images
         with torch.set_grad_enabled(grad):
-            return self.vae.encode(images).latent_dist.mean * LATENT_SCALE
+            posterior = self.vae.encode(images).latent_dist
+            return (posterior.mean if sample is None else posterior.sample(generator=sample)) * LATENT_SCALE
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -108,8 +169,16 @@ class MultiViewModel(torch.nn.Module):
             return camera_features(c2w_gl)
         if self.cfg.camera_featurization == "isotropic3d-double-radians":
             return double_radians_features(c2w_gl)
-        raise ValueError(f"camera_featurization {self.cfg.camera_featurization!r}: expected mvdream or "
-                         "isotropic3d-double-radians")
+        raise ValueError(f"camera_featurization {self.cfg.camera_featurization!r}: expected one of {FEATURIZATIONS}")
+
+    def preview_cameras(self, c2w_gl: torch.Tensor) -> torch.Tensor:
+        """Features of the 4 preview views (azimuths 0/90/180/270): with the released featurisation, exactly
+        the released sampler's four preview cameras; otherwise the cameras given."""
+        if self.cfg.camera_featurization == "isotropic3d-double-radians":
+            if c2w_gl.shape[0] != 4:
+                raise ValueError(f"the released preview has 4 views, {c2w_gl.shape[0]} cameras given")
+            return released_preview_features().to(c2w_gl)
+        return self.cameras(c2w_gl)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cams16: torch.Tensor, context: torch.Tensor, views: int):
         return multiview_forward(self.unet, x, t, cams16, context, views)
@@ -153,16 +222,17 @@ class MultiViewModel(torch.nn.Module):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, clip_embedding: torch.Tensor, c2w_gl: torch.Tensor, steps: int = 50, guidance: float = 10.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Views [V, 3, H, W] in [-1, 1] from one CLIP embedding [D] and V cameras [V, 4, 4]:
-        DDIM (eta 0) with classifier-free guidance against the zero embedding."""
+               generator: Optional[torch.Generator] = None, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Views [V, 3, H, W] in [-1, 1] from one CLIP embedding [D] and V cameras [V, 4, 4] (or their
+        features [V, 16] as given, e.g. preview_cameras()): DDIM (eta 0) with classifier-free guidance
+        against the zero embedding."""
         device = next(self.unet.parameters()).device
         v = c2w_gl.shape[0]
         ddim = DDIMScheduler.from_config(self.schedule.config, set_alpha_to_one=False, steps_offset=1)
         ddim.set_timesteps(steps)
         size = self.cfg.unet.sample_size
         x = torch.randn((v, self.cfg.unet.in_channels, size, size), generator=generator).to(device)
-        cams = self.cameras(c2w_gl.to(device)).repeat(2, 1)
+        cams = (self.cameras(c2w_gl.to(device)) if features is None else features.to(device)).repeat(2, 1)
         emb = clip_embedding.to(device).reshape(1, 1, -1)
         context = torch.cat([emb.expand(v, 1, -1), torch.zeros_like(emb).expand(v, 1, -1)])
         for t in ddim.timesteps:

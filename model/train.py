@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from PIL import Image
 
+from common.config import stable_seed
 from dataset.embeddings import EmbeddingStore
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
 from dataset.views import scan
@@ -81,6 +82,7 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
         lr_lambda(self.lr_schedule, 1, 1)(0)
+        self.model.validate()
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -102,7 +104,7 @@ def from_dict(d: dict) -> TrainConfig:
 
 def prepare_embeddings(cfg: TrainConfig, data_dir: Path, objects) -> EmbeddingStore:
     """CLIP embeddings of every reference view, computed once (cached beside the renders)."""
-    encoder = ImageEncoder(cfg.model.encoder)
+    encoder = ImageEncoder(cfg.model.encoder, cfg.model.preprocessing)
     store = EmbeddingStore(Path(data_dir) / "cache" / "clip", encoder.identity)
     store.build(objects, encoder.encode)
     return store
@@ -176,7 +178,7 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
         total = 0.0
         for micro in range(cfg.grad_accum):
             m = step * cfg.grad_accum + micro
-            g = torch.Generator().manual_seed(hash((cfg.seed, m, rank)) & (2**63 - 1))
+            g = torch.Generator().manual_seed(stable_seed(cfg.seed, m, rank))
             batch = _to(batches.get(m), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = net(batch, cfg.stage, g, cfg.cond_dropout) / cfg.grad_accum

@@ -77,13 +77,17 @@ class MultiViewGuidance:
         self.embedding = clip_embedding.to(self.device).reshape(1, 1, -1)
         self.alphas_cumprod = model.schedule.alphas_cumprod.to(self.device)
 
-    def latents(self, images01: torch.Tensor) -> torch.Tensor:
+    def latents(self, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Renders -> what the UNet denoises, as the checkpoint's `preprocessing` says: the released code
+        resizes bilinearly without antialiasing and encodes a sample of the VAE posterior; the project
+        antialiases (renders above the model's size alias otherwise) and takes the posterior mean."""
         size = self.model.cfg.image_size
-        x = F.interpolate(images01, (size, size), mode="bilinear", align_corners=False, antialias=True) * 2 - 1
-        return self.model.encode(x, grad=True)
+        released = self.model.cfg.preprocessing == "isotropic3d-release"
+        x = F.interpolate(images01, (size, size), mode="bilinear", align_corners=False, antialias=not released) * 2 - 1
+        return self.model.encode(x, grad=True, sample=generator if released else None)
 
     def __call__(self, images01: torch.Tensor, c2w_gl: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-        z = self.latents(images01)
+        z = self.latents(images01, generator)
         v = z.shape[0]
         lo, hi = t_range(self.cfg, step)
         n = self.model.schedule.config.num_train_timesteps

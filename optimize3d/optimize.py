@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_write_json, replace_dir
-from common.config import config_hash, save_config
+from common.config import config_hash, save_config, stable_seed
 from optimize3d.export import ExportConfig, extract_mesh, save_mesh, save_turntable, turntable_frames
 from optimize3d.field import Field, FieldConfig
 from optimize3d.guidance import GuidanceConfig, MultiViewGuidance, linear_ramp
@@ -190,8 +190,8 @@ def optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, pr
                dynamic_ncols=True)
     losses_path = work / "losses.jsonl"
     for step in bar:
-        g = torch.Generator().manual_seed(hash((cfg.seed, step)) & (2**63 - 1))
-        rng = random.Random(hash((cfg.seed, step, "py")))
+        g = torch.Generator().manual_seed(stable_seed(cfg.seed, step))
+        rng = random.Random(stable_seed(cfg.seed, step, "py"))
         update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march)
         c2w, fov, _, _ = sample_cameras(cfg, rng)
         c2w, fov = c2w.to(device), fov.to(device)
@@ -270,8 +270,9 @@ def export_outputs(nerf: Field, grid, cfg: GenerateConfig, work: Path) -> dict:
 
 
 def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateConfig, cmd: str = "",
-             progress: bool = True, device: Optional[str] = None) -> dict:
-    """One image -> <out_root>/<stem>-<key>/ (see the module docstring). Returns a summary dict."""
+             progress: bool = True, device: Optional[str] = None, model_overrides=()) -> dict:
+    """One image -> <out_root>/<stem>-<key>/ (see the module docstring). Returns a summary dict.
+    model_overrides: `key=value` ModelConfig fields over the checkpoint's own configuration."""
     from model import checkpoint
     from optimize3d.inputs import image_digest, load_input_image
     from common.atomic import atomic_write_text
@@ -280,7 +281,11 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
     cfg.validate()
     picture = load_input_image(image)
     image_sha = image_digest(image)
-    key = output_key(image_sha, checkpoint.identity(checkpoint_dir), cfg)
+    checkpoint_dir = checkpoint.find(checkpoint_dir, "--checkpoint")
+    model_cfg = checkpoint.model_config(checkpoint_dir, model_overrides)
+    model_cfg.validate()
+    checkpoint_id = checkpoint.identity(checkpoint_dir) + (config_hash(list(model_overrides)) if model_overrides else "")
+    key = output_key(image_sha, checkpoint_id, cfg)
     final = Path(out_root) / run_dir_name(image, key)
     work = final.with_name(final.name + ".partial")
     t0 = time.time()
@@ -296,14 +301,16 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
     log.setLevel(logging.INFO)
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = checkpoint.load_model(checkpoint_dir).to(dev)
+        model = checkpoint.load_model(checkpoint_dir, model_cfg).to(dev)
         save_config(cfg, work / "config.yaml")
         if cmd:
             atomic_write_text(work / "cmd.txt", cmd + "\n")
-        embedding = clip_embedding(picture, image_sha, model.cfg.encoder, Path(out_root) / "cache" / "clip")
+        embedding = clip_embedding(picture, image_sha, model.cfg, Path(out_root) / "cache" / "clip")
         if not (work / "multiview.png").is_file():
             g = torch.Generator().manual_seed(cfg.seed)
-            views = model.sample(embedding, preview_cameras(cfg), cfg.preview_steps, cfg.guidance.guidance_scale, g)
+            cams = preview_cameras(cfg)       # the released checkpoint: its own sampler's four preview cameras
+            views = model.sample(embedding, cams, cfg.preview_steps, cfg.guidance.guidance_scale, g,
+                                 features=model.preview_cameras(cams))
             (work / "multiview").mkdir(exist_ok=True)
             for i, v in enumerate(views):                 # azimuths 0, 90, 180, 270 (for evaluation)
                 to_image((v + 1) / 2).save(work / "multiview" / f"{i:03d}.png")
@@ -325,14 +332,14 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
     return {"image": str(image), "output": str(final), "status": "ok", "seconds": time.time() - t0, **info}
 
 
-def clip_embedding(picture: Image.Image, image_sha: str, encoder_cfg, cache: Path) -> torch.Tensor:
-    """The image's CLIP embedding, cached per (image content, encoder identity)."""
+def clip_embedding(picture: Image.Image, image_sha: str, model_cfg, cache: Path) -> torch.Tensor:
+    """The image's CLIP embedding, cached per (image content, encoder identity and preprocessing)."""
     from common.atomic import atomic_write_bytes
     from model.encoder import ImageEncoder, encoder_identity
     from safetensors.torch import save as save_bytes
-    path = cache / f"{image_sha[:16]}-{config_hash(encoder_identity(encoder_cfg))}.safetensors"
+    path = cache / f"{image_sha[:16]}-{config_hash(encoder_identity(model_cfg.encoder, model_cfg.preprocessing))}.safetensors"
     if path.is_file():
         return load_file(str(path))["embedding"]
-    emb = ImageEncoder(encoder_cfg).encode([picture])[0]
+    emb = ImageEncoder(model_cfg.encoder, model_cfg.preprocessing).encode([picture])[0]
     atomic_write_bytes(path, save_bytes({"embedding": emb.contiguous()}))
     return emb

@@ -22,49 +22,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from common.atomic import atomic_write_text  # noqa: E402
 from common.config import ConfigError, load_config, save_config  # noqa: E402
+from model import checkpoint  # noqa: E402
 from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from model.train import TrainConfig, train  # noqa: E402
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
     p.add_argument("--config", default="tiny", help="tiny | sd21 | PATH.yaml (TrainConfig fields over the tiny preset)")
     p.add_argument("--data", type=Path, required=True, help="a render output (pipelines/render_objaverse.py --output)")
     p.add_argument("--output", type=Path, required=True, help="run directory")
-    p.add_argument("--init", help="checkpoint directory to start from (stage 2: a stage-1 checkpoint), or an original "
-                                  "LDM file (sd-v2.1-base-4view.pt, isotropic3d.ckpt), converted on the fly")
+    p.add_argument("--init", help="where to start from: a checkpoint directory (its whole model configuration comes "
+                                  "with it: layout, VAE, encoder weights, featurisation, preprocessing; model.* "
+                                  "overrides still win), a run directory (its latest checkpoint), or an original LDM "
+                                  "file (sd-v2.1-base-4view.pt, isotropic3d.ckpt), converted once")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", help="latest | PATH: continue from a checkpoint of this run")
     p.add_argument("--num-workers", type=int, default=0, help="0: this process; N: Ray Train DDP workers")
     p.add_argument("--address", help="Ray cluster (default: a local Ray on 127.0.0.1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = p.parse_args(argv)
-    try:
-        if args.config in ("tiny", "sd21"):
-            base, path = getattr(TrainConfig, args.config)(args.stage), None
-        else:
-            base, path = TrainConfig.tiny(args.stage), Path(args.config)
-        overrides = [f"stage={args.stage}"] + ([f"max_steps={args.max_steps}"] if args.max_steps else []) + args.overrides
+    return p.parse_args(argv)
+
+
+def resolve(args) -> tuple[TrainConfig, str | None]:
+    """The run's configuration and the checkpoint directory it starts from. Layers: the preset, then the
+    --init checkpoint's model configuration, then the --config file, then the command line."""
+    if args.config in ("tiny", "sd21"):
+        base, path = getattr(TrainConfig, args.config)(args.stage), None
+    else:
+        base, path = TrainConfig.tiny(args.stage), Path(args.config)
+    overrides = [f"stage={args.stage}"] + ([f"max_steps={args.max_steps}"] if args.max_steps else []) + args.overrides
+    cfg = load_config(TrainConfig, path, overrides, base=base)
+    init = None
+    if args.init:
+        init = Path(args.init)
+        if is_raw_checkpoint(init):          # an original MVDream / Isotropic3D / SD file: converted once
+            init = as_checkpoint_dir(init, model_cfg=cfg.model)
+        init = checkpoint.find(init, "--init")
+        base.model = checkpoint.model_config(init)
         cfg = load_config(TrainConfig, path, overrides, base=base)
-        cfg.validate()
-        if not (args.data / "objects").is_dir():
-            raise ValueError(f"--data {args.data}: no objects/ folder (not a render output)")
-        if args.init and is_raw_checkpoint(Path(args.init)):
-            # An original MVDream / Isotropic3D / SD file: converted once, then its VAE (and image tower)
-            # serve unless the configuration names others.
-            args.init = str(as_checkpoint_dir(Path(args.init), model_cfg=cfg.model))
-            if cfg.model.latent == "vae" and cfg.model.vae_path is None and (Path(args.init) / "vae").is_dir():
-                cfg.model.vae_path = str(Path(args.init) / "vae")
-            if cfg.model.encoder.weights is None and (Path(args.init) / "encoder.safetensors").is_file():
-                cfg.model.encoder.weights = str(Path(args.init) / "encoder.safetensors")
-        if args.init and not (Path(args.init) / "model.safetensors").is_file():
-            raise ValueError(f"--init {args.init}: no model.safetensors (not a checkpoint directory or LDM checkpoint file)")
-        if args.stage == 2 and not args.init and not args.resume:
-            raise ValueError("--stage 2 starts from a stage-1 checkpoint: give --init")
-    except (ConfigError, ValueError) as e:      # ConversionError is a ValueError
+    cfg.validate()
+    if not (args.data / "objects").is_dir():
+        raise ValueError(f"--data {args.data}: no objects/ folder (not a render output)")
+    if args.stage == 2 and not init and not args.resume:
+        raise ValueError("--stage 2 starts from a stage-1 checkpoint: give --init")
+    return cfg, None if init is None else str(init)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, args.init = resolve(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:      # ConversionError is a ValueError
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
     args.output.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,9 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="one image (PNG/JPEG/WebP; RGB = plain background assumed)")
     src.add_argument("--images", type=Path, help="a folder of images: one Ray task each")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory (finetune.py, convert_checkpoint.py) or an original "
-                   "LDM file such as isotropic3d.ckpt (converted once into $ISO3D_CACHE/converted)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory (finetune.py, convert_checkpoint.py; "
+                   "its model configuration comes with it, model.* overrides win), a run directory (its latest checkpoint), "
+                   "or an original LDM file such as isotropic3d.ckpt (converted once into $ISO3D_CACHE/converted)")
     p.add_argument("--output", type=Path, default=Path("outputs/generate"), help="default: %(default)s")
     p.add_argument("--config", default="auto", help="auto | tiny | sd21 | PATH.yaml (GenerateConfig fields over the preset)")
     p.add_argument("--steps", type=int, help="optimisation steps (tiny: 300, sd21: 10000)")
@@ -49,22 +50,35 @@ def parse_args(argv):
     p.add_argument("--gpus-per-task", type=float, default=0.0, help="--images: GPUs per image task")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="--images: CPUs per image task")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("overrides", nargs="*", help="key.sub=value: GenerateConfig fields, or model.* (ModelConfig fields "
+                   "over the checkpoint's, e.g. model.vae_path=DIR)")
     return p.parse_args(argv)
 
 
-def resolve_config(args) -> GenerateConfig:
+def model_overrides(args) -> list[str]:
+    return [o[len("model."):] for o in args.overrides if o.startswith("model.")]
+
+
+def resolve_model(args):
+    """The checkpoint directory and the model configuration it brings, with model.* overrides applied."""
+    from model import checkpoint
+    if is_raw_checkpoint(args.checkpoint):           # an original LDM file: converted once, then reused
+        args.checkpoint = as_checkpoint_dir(args.checkpoint)
+    args.checkpoint = checkpoint.find(args.checkpoint, "--checkpoint")
+    model_cfg = checkpoint.model_config(args.checkpoint, model_overrides(args))
+    model_cfg.validate()
+    return model_cfg
+
+
+def resolve_config(args, model_cfg) -> GenerateConfig:
     preset, path = args.config, None
     if preset == "auto":
-        cfg_file = args.checkpoint / "config.json"
-        if not cfg_file.is_file():
-            raise ValueError(f"--checkpoint {args.checkpoint}: no config.json (not a checkpoint directory)")
-        preset = "tiny" if json.loads(cfg_file.read_text()).get("latent") == "pixel" else "sd21"
+        preset = "tiny" if model_cfg.latent == "pixel" else "sd21"
     if preset not in ("tiny", "sd21"):
         path, preset = Path(preset), "tiny"
         if not path.is_file():
             raise ValueError(f"--config {path}: not a file (expected auto, tiny, sd21 or a YAML file)")
-    overrides = list(args.overrides)
+    overrides = [o for o in args.overrides if not o.startswith("model.")]
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.seed is not None:
@@ -92,7 +106,7 @@ def run_many(images, args, cfg, cmd) -> list[dict]:
     def one(image: str) -> dict:
         try:
             return generate(Path(image), args.checkpoint.resolve(), args.output.resolve(), cfg, cmd=cmd, progress=False,
-                            device=args.device)
+                            device=args.device, model_overrides=model_overrides(args))
         except (InputImageError, EmptyMeshError, FileNotFoundError, ValueError) as e:
             return {"image": image, "status": "failed", "error": str(e)}
 
@@ -112,15 +126,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), *argv])
     try:
-        if is_raw_checkpoint(args.checkpoint):           # an original LDM file: converted once, then reused
-            args.checkpoint = as_checkpoint_dir(args.checkpoint)
-        cfg = resolve_config(args)
-        if not (args.checkpoint / "model.safetensors").is_file():
-            raise ValueError(f"--checkpoint {args.checkpoint}: no model.safetensors (not a checkpoint directory)")
+        model_cfg = resolve_model(args)
+        cfg = resolve_config(args, model_cfg)
         if args.image is not None:
             load_input_image(args.image)          # a bad image fails before any model is loaded
             results = [generate(args.image, args.checkpoint, args.output, cfg, cmd=cmd,
-                                progress=not args.no_progress, device=args.device)]
+                                progress=not args.no_progress, device=args.device, model_overrides=model_overrides(args))]
         else:
             results = run_many(list_images(args.images), args, cfg, cmd)
     except (ConfigError, InputImageError, EmptyMeshError, ValueError, FileNotFoundError) as e:

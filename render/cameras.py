@@ -12,7 +12,6 @@ OpenCV c2w = Blender c2w @ diag(1, -1, -1, 1).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -78,4 +77,5 @@ def random_angles(rng: np.random.Generator) -> list[tuple[float, float]]:
 
 def seed_for(uid: str, base_seed: int = 0) -> int:
     """A stable 63-bit seed per object, independent of shard layout and machine."""
-    return int.from_bytes(hashlib.sha256(f"{base_seed}:{uid}".encode()).digest()[:8], "little") >> 1
+    from common.config import stable_seed
+    return stable_seed(base_seed, uid)

@@ -35,6 +35,8 @@ log = logging.getLogger("render")
 PERMANENT = ("unreadable", "import_error", "empty_scene")
 TRANSIENT = ("timeout", "crash", "download_error")
 LOG_TAIL_LINES = 25
+SCRATCH_PREFIX = "iso3d-render-"
+OWNER_FILE = ".owner.lock"
 
 
 # --------------------------------------------------------------------------- shards
@@ -133,6 +135,21 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def clean_stale_scratch(tmp_root: str | None = None) -> int:
+    """Remove this machine's render scratch folders whose task is gone (a killed task never runs its
+    `finally`): a live task holds an flock on the folder's owner file until it ends."""
+    removed = 0
+    for d in Path(tmp_root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            with open(d / OWNER_FILE, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        except (BlockingIOError, NotADirectoryError, FileNotFoundError, PermissionError):
+            continue    # a live task's folder, another user's, or gone meanwhile
+    return removed
+
+
 def _log_tail(path: Path, start: int) -> str:
     try:
         with open(path, "rb") as f:
@@ -153,7 +170,13 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
              "host": socket.gethostname(), "sha256": None}
     tmp = root.objects / f".tmp-{ref.uid}-{uuid.uuid4().hex[:8]}"
     lock_path = tmp.with_name(tmp.name + ".lock")
-    scratch = Path(tempfile.mkdtemp(prefix=f"iso3d-render-{ref.uid[:40]}-"))
+    clean_stale_scratch()
+    # Locked before it gets the name clean_stale_scratch looks for, so no cleaner sees it unowned.
+    pending = Path(tempfile.mkdtemp(prefix=".iso3d-pending-"))
+    owner = open(pending / OWNER_FILE, "w")          # held until this task ends
+    fcntl.flock(owner, fcntl.LOCK_EX)
+    scratch = pending.with_name(f"{SCRATCH_PREFIX}{ref.uid[:40]}-{pending.name.rsplit('-', 1)[-1]}")
+    pending.rename(scratch)
     log_path = root.logs / f"{ref.uid}.log"
     log_start = 0
 
@@ -176,7 +199,8 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
             (scratch / "job.json").write_text(json.dumps(job))
             env = {**os.environ, "BLENDER_USER_RESOURCES": str(scratch / "blender"),
                    "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch),
-                   "ISO3D_RENDER_WORKER": ref.uid, "PYTHONUNBUFFERED": "1"}
+                   "ISO3D_RENDER_WORKER": ref.uid, "ISO3D_RENDER_ROOT": str(root.path.resolve()),
+                   "PYTHONUNBUFFERED": "1"}
             with open(log_path, "ab") as logf:
                 log_start = logf.tell()   # failed() reads it: attempts append to one log
                 logf.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {ref.original_id} on {entry['host']}\n".encode())
@@ -213,6 +237,7 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(scratch, ignore_errors=True)
+            owner.close()
             lock_path.unlink(missing_ok=True)
 
 

@@ -32,8 +32,10 @@ def rendered_demo(tmp_path_factory):
     return out
 
 
-def render_worker_pids() -> list[int]:
-    """PIDs of live render worker processes (marked by ISO3D_RENDER_WORKER in their environment)."""
+def render_worker_pids(root) -> list[int]:
+    """PIDs of live render workers writing into the render root `root` (marked by ISO3D_RENDER_ROOT in
+    their environment): other renders on the machine, another test's or another user's, do not count."""
+    marker = b"ISO3D_RENDER_ROOT=" + str(Path(root).resolve()).encode() + b"\0"
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -43,7 +45,7 @@ def render_worker_pids() -> list[int]:
             state = (d / "stat").read_text().split(") ")[-1][0]
         except OSError:
             continue
-        if b"ISO3D_RENDER_WORKER=" in env and state != "Z":
+        if marker in env and state != "Z":
             pids.append(int(d.name))
     return pids
 

@@ -134,33 +134,71 @@ def test_a_checkpoint_that_needs_pickle_is_refused(tmp_path):
         read_state_dict(tmp_path / "text.pt")
 
 
-def hand_c2w(az_rad: float, el_rad: float) -> np.ndarray:
-    """Camera on the unit sphere looking at the origin, z up: columns right, up, back, position."""
-    ca, sa, ce, se = math.cos(az_rad), math.sin(az_rad), math.cos(el_rad), math.sin(el_rad)
-    return np.array([[-sa, -se * ca, ce * ca, ce * ca],
-                     [ca, -se * sa, ce * sa, ce * sa],
-                     [0.0, ce, se, se],
-                     [0.0, 0.0, 0.0, 1.0]])
+# The released guidance's camera input for a camera at elevation E, azimuth A (degrees, position
+# (cos E cos A, cos E sin A, sin E)): numbers printed by the released code itself (pkunliu/Isotropic3D,
+# isotropic/camera_utils.py with its guidance's get_camera_cond), not derived from this project's maths.
+RELEASED_3D = {
+    (0, 0): [1, 0, 0, 0, 0, 0, -1, -1, 0, 1, 0, 0, 0, 0, 0, 1],
+    (15, 45): [0.99990605, -6.2632e-05, 0.013707212, 0.013707212, 0.013707355, 0.004568816, -0.999895612, -0.999895612,
+               0, 0.999989561, 0.004569245, 0.004569245, 0, 0, 0, 1],
+    (30, 200): [0.998144739, -0.000556399, 0.060883261, 0.060883261, 0.060885803, 0.009121441, -0.99810306, -0.99810306,
+                0, 0.999958244, 0.009138395, 0.009138395, 0, 0, 0, 1],
+    (22, 359): [0.994026409, -0.000731404, 0.109137363, 0.109137363, 0.109139814, 0.006661501, -0.994004087, -0.994004087,
+                0, 0.999977544, 0.006701533, 0.006701533, 0, 0, 0, 1],
+    (5, 90): [0.999624217, -4.1751e-05, 0.027412102, 0.027412102, 0.027412134, 0.001522514, -0.999623057, -0.999623057,
+              0, 0.99999884, 0.001523087, 0.001523087, 0, 0, 0, 1],
+    (-10, 300): [0.995827275, 0.000277988, 0.091257659, 0.091257659, 0.091258082, -0.003033459, -0.995822655, -0.995822655,
+                 0, 0.99999536, -0.003046169, -0.003046169, 0, 0, 0, 1],
+    (40, 10.5): [0.999994885, -3.8972e-05, 0.00319824, 0.00319824, 0.003198477, 0.012184333, -0.999920653, -0.999920653,
+                 0, 0.999925768, 0.012184395, 0.012184395, 0, 0, 0, 1],
+    (0, 180): [0.99849715, 0, 0.054803665, 0.054803665, 0.054803665, 0, -0.99849715, -0.99849715, 0, 1, 0, 0, 0, 0, 0, 1],
+    (12.5, 271.25): [0.996588292, -0.000314263, 0.082532888, 0.082532888, 0.082533487, 0.003794718, -0.996581067,
+                     -0.996581067, 0, 0.999992751, 0.003807709, 0.003807709, 0, 0, 0, 1],
+}
+# The released 2D sampler's four preview cameras (its get_camera(4): azimuths 0/90/180/270, elevation 15).
+RELEASED_PREVIEW = [
+    [1, 0, 0, 0, 0, 0.004569246, -0.999989569, -0.999989569, 0, 0.999989569, 0.004569246, 0.004569246, 0, 0, 0, 1],
+    [0.999624193, -2.186e-06, 0.027412133, 0.027412133, 0.027412133, 7.9719e-05, -0.999624193, -0.999624193,
+     0, 1, 7.9749e-05, 7.9749e-05, 0, 0, 0, 1],
+    [0.998497128, -7.6e-08, 0.054803666, 0.054803666, 0.054803666, 1.39e-06, -0.998497128, -0.998497128,
+     0, 1, 1.392e-06, 1.392e-06, 0, 0, 0, 1],
+    [0.996619642, -2e-09, 0.082154006, 0.082154006, 0.082154006, 2.4e-08, -0.996619642, -0.996619642, 0, 1, 2.4e-08, 2.4e-08, 0, 0, 0, 1],
+]
 
 
-@pytest.mark.parametrize("az,el", [(0.0, 0.0), (90.0, 30.0), (180.0, 15.0), (270.0, -10.0)])
-def test_double_radians_featurisation_against_hand_computed_matrices(az, el):
+@pytest.mark.parametrize("el,az", sorted(RELEASED_3D))
+def test_double_radians_featurisation_equals_the_released_code(el, az):
     from render.cameras import c2w_blender
-    c2w = torch.tensor(c2w_blender(az, el, 1.5), dtype=torch.float64)[None]
-    # degrees -> radians twice: the angle in radians is az * (pi / 180)^2
-    expected = hand_c2w(az * (math.pi / 180) ** 2, el * (math.pi / 180) ** 2).reshape(16)
-    assert np.allclose(double_radians_features(c2w)[0].numpy(), expected, atol=1e-9)
-    correct = hand_c2w(math.radians(az), math.radians(el)).reshape(16)
-    assert np.allclose(camera_features(c2w)[0].numpy(), correct, atol=1e-9)
-
-
-def test_double_radians_cameras_are_near_the_front_view():
-    from render.cameras import c2w_blender
-    front = double_radians_features(torch.tensor(c2w_blender(0.0, 0.0, 1.5))[None])
-    back = double_radians_features(torch.tensor(c2w_blender(180.0, 30.0, 1.5))[None])
-    assert (front - back).abs().max() < 0.1                                 # "a small perturbation of el = az = 0"
+    for distance in (1.5, 3.7):                    # the released camera input has unit translation
+        c2w = torch.tensor(c2w_blender(az, el, distance), dtype=torch.float64)[None]
+        got = double_radians_features(c2w)[0].numpy()
+        assert np.abs(got - np.array(RELEASED_3D[(el, az)])).max() <= 1e-6
     model = MultiViewModel(dataclasses.replace(ModelConfig.tiny(), camera_featurization="isotropic3d-double-radians"))
-    assert torch.allclose(model.cameras(torch.tensor(c2w_blender(180.0, 30.0, 1.5), dtype=torch.float32)[None]), back.float())
+    c2w = torch.tensor(c2w_blender(az, el, 1.5), dtype=torch.float32)[None]
+    assert np.abs(model.cameras(c2w)[0].numpy() - np.array(RELEASED_3D[(el, az)])).max() <= 1e-6
+
+
+def test_the_3d_stage_and_the_sampler_use_the_released_cameras():
+    from optimize3d.guidance import GuidanceConfig, MultiViewGuidance
+    from render.cameras import c2w_blender
+    model = MultiViewModel(dataclasses.replace(ModelConfig.tiny(), camera_featurization="isotropic3d-double-radians"))
+    preview = torch.tensor(np.stack([c2w_blender(a, 30.0, 1.5) for a in (0, 90, 180, 270)]), dtype=torch.float32)
+    assert np.abs(model.preview_cameras(preview).numpy() - np.array(RELEASED_PREVIEW)).max() <= 1e-6
+    seen = []
+    real_predict = model.predict
+    model.predict = lambda x, t, cams, ctx, v: seen.append(cams) or real_predict(x, t, cams, ctx, v)
+    model.sample(torch.zeros(64), preview, steps=1, guidance=3.0, features=model.preview_cameras(preview))
+    assert np.abs(seen[-1][:4].numpy() - np.array(RELEASED_PREVIEW)).max() <= 1e-6
+    guide = MultiViewGuidance(model, torch.zeros(64), GuidanceConfig())
+    cams = torch.tensor(np.stack([c2w_blender(az, el, 2.0) for el, az in [(15, 45), (30, 200), (22, 359), (5, 90)]]),
+                        dtype=torch.float32)
+    guide(torch.rand(4, 3, 32, 32, requires_grad=True), cams, 0, torch.Generator().manual_seed(0))
+    expected = np.array([RELEASED_3D[k] for k in [(15, 45), (30, 200), (22, 359), (5, 90)]])
+    assert np.abs(seen[-1][:4].numpy() - expected).max() <= 1e-6
+    # The project's own featurisation: the true cameras (flattened c2w, unit translation), no quirk.
+    ours = MultiViewModel(ModelConfig.tiny())
+    assert torch.allclose(ours.preview_cameras(preview), camera_features(preview))
+    assert np.abs(ours.preview_cameras(preview).numpy() - np.array(RELEASED_PREVIEW)).max() > 0.5
 
 
 def test_image_tower_alone_loads_into_the_encoder(tmp_path):

@@ -159,7 +159,7 @@ def test_hostile_set_is_classified_and_the_shard_completes(tmp_path):
     assert any("missing.png" in m for m in missing["missing_textures"])
     unicode_meta = json.loads((out / "objects" / sanitize_uid("ünïcødé ☃ object.glb") / "meta.json").read_text())
     assert unicode_meta["original_id"] == "ünïcødé ☃ object.glb"
-    assert render_worker_pids() == []
+    assert render_worker_pids(out) == []
     assert not list((out / "objects").glob(".*"))
 
 
@@ -192,10 +192,10 @@ def test_a_killed_blender_is_a_crash_and_leaves_nothing(tmp_path):
         time.sleep(0.05)
     import os
     import signal
-    for pid in render_worker_pids():
+    for pid in render_worker_pids(root.path):
         os.kill(pid, signal.SIGKILL)
     thread.join(120)
     assert (result["status"], result["reason"]) == ("failed", "crash")
     assert "SIGKILL" in result["error"]
     assert not (root.objects / "Duck.glb").exists() and not list(root.objects.glob(".tmp-*"))
-    assert render_worker_pids() == []
+    assert render_worker_pids(root.path) == []

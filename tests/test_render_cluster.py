@@ -89,7 +89,7 @@ def test_address_joins_an_existing_cluster(head, tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["ok"] == 1
-    assert render_worker_pids() == []
+    assert render_worker_pids(out) == []
 
 
 def test_without_the_token_the_cluster_refuses(head, tmp_path):
