@@ -120,7 +120,7 @@ def test_cli_writes_the_featurisation_and_finetune_takes_the_file_directly(tiny_
     assert r.returncode == 0, r.stderr[-2000:]
     converted = list((env_cache / "converted").iterdir())
     assert len(converted) == 1 and converted[0].name.startswith("tiny-4view-")
-    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_a_checkpoint_that_needs_pickle_is_refused(tmp_path):
@@ -215,3 +215,144 @@ def test_image_tower_alone_loads_into_the_encoder(tmp_path):
         expected = source.visual(enc.preprocess([img]))
     assert torch.allclose(enc.encode([img]), expected, atol=1e-6)
     assert not torch.allclose(ImageEncoder(EncoderConfig.tiny()).encode([img]), expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------ a converted directory carries its model
+TINY_VAE_LDM = dict(in_ch=4, out_ch=4, mc=32, mult=(1, 2), res_blocks=1, attention_levels=(1,), ctx=64)
+
+
+def tiny_vae_model_cfg() -> ModelConfig:
+    """The tiny UNet on the latents of a tiny SD-style VAE (32 px -> 16x16x4): the sd21 code paths, small."""
+    from model.encoder import EncoderConfig
+    from model.unet import UNetConfig
+    unet = dataclasses.replace(UNetConfig.tiny(), in_channels=4, out_channels=4, sample_size=16)
+    return ModelConfig(unet=unet, encoder=EncoderConfig.tiny(), latent="vae", vae_block_out_channels=[32, 64],
+                       vae_layers_per_block=1, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def released_like(tmp_path_factory):
+    """A tiny random checkpoint in the released isotropic3d.ckpt's layout (UNet + camera MLP, VAE, OpenCLIP
+    image tower), converted into a checkpoint directory."""
+    import open_clip
+    g = torch.Generator().manual_seed(3)
+    sd = {k: torch.randn(shape, generator=g) * 0.05 for k, shape in {**unet_keys(**TINY_VAE_LDM),
+                                                                       **vae_keys(ch=32, mult=(1, 2), res_blocks=1)}.items()}
+    torch.manual_seed(11)
+    tower = open_clip.create_model("iso3d-tiny-vit", pretrained=None).visual.state_dict()
+    sd.update({f"cond_stage_model.model.visual.{k}": v.clone() for k, v in tower.items()})
+    root = tmp_path_factory.mktemp("released_like")
+    torch.save(sd, root / "isotropic3d-tiny.ckpt")
+    out = convert(root / "isotropic3d-tiny.ckpt", root / "converted", model_cfg=tiny_vae_model_cfg())
+    return sd, tower, out
+
+
+def assert_released_model(model_cfg, sd, tower):
+    from model.encoder import ImageEncoder
+    from model.mvmodel import MultiViewModel
+    assert model_cfg.camera_featurization == "isotropic3d-double-radians"
+    assert model_cfg.preprocessing == "isotropic3d-release" and model_cfg.latent == "vae"
+    model = MultiViewModel(model_cfg)
+    vae = model.vae.state_dict()
+    for name in ("encoder.conv_in.weight", "decoder.conv_out.bias", "quant_conv.weight"):
+        assert torch.equal(vae[name], sd[f"first_stage_model.{name}"]), name
+    enc = ImageEncoder(model_cfg.encoder, model_cfg.preprocessing)
+    assert all(torch.equal(v, tower[k]) for k, v in enc.visual.state_dict().items())
+    assert enc.preprocessing == "isotropic3d-release"
+
+
+def test_converted_directory_brings_vae_encoder_and_featurisation_to_finetune_and_generate(released_like, rendered_demo,
+                                                                                           tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import finetune
+    import generate
+    from model import checkpoint
+    sd, tower, converted = released_like
+    saved = json.loads((converted / "config.json").read_text())
+    assert (saved["vae_path"], saved["encoder"]["weights"]) == ("vae", "encoder.safetensors")   # relative: movable
+    moved = tmp_path / "moved"
+    converted.rename(moved)                       # a directory copied elsewhere still finds its own weights
+    try:
+        args = finetune.parse_args(["--stage", "1", "--config", "tiny", "--data", str(rendered_demo), "--output",
+                                    str(tmp_path / "run"), "--init", str(moved), "--max-steps", "1", "val_every=100"])
+        cfg, init = finetune.resolve(args)
+        assert init == str(moved)
+        assert_released_model(cfg.model, sd, tower)
+        assert finetune.main(["--stage", "1", "--config", "tiny", "--data", str(rendered_demo), "--output",
+                              str(tmp_path / "run"), "--init", str(moved), "--max-steps", "1", "val_every=100"]) == 0
+        step = checkpoint.find(tmp_path / "run")               # a run directory: its latest checkpoint
+        assert step == tmp_path / "run" / "checkpoints" / "step-000001"
+        assert_released_model(checkpoint.model_config(step), sd, tower)
+        # An override on the command line still wins over the checkpoint's configuration.
+        args = finetune.parse_args(["--stage", "1", "--data", str(rendered_demo), "--output", str(tmp_path / "r2"),
+                                    "--init", str(moved), "model.preprocessing=project"])
+        assert finetune.resolve(args)[0].model.preprocessing == "project"
+
+        args = generate.parse_args(["--image", str(DATA / "clip-rgba-333x300.png"), "--checkpoint", str(moved)])
+        model_cfg = generate.resolve_model(args)
+        assert_released_model(model_cfg, sd, tower)
+        loaded = checkpoint.load_model(args.checkpoint, model_cfg)
+        assert torch.equal(loaded.vae.state_dict()["encoder.conv_in.weight"], sd["first_stage_model.encoder.conv_in.weight"])
+        ldm_cam = sd["model.diffusion_model.camera_embed.0.weight"]
+        assert torch.equal(loaded.unet.class_embedding.linear_1.weight, ldm_cam)
+        monkeypatch.setenv("ISO3D_CACHE", str(tmp_path / "cache"))
+        r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--image",
+                            str(DATA / "clip-rgba-333x300.png"), "--checkpoint", str(tmp_path / "run"), "--output",
+                            str(tmp_path / "gen"), "--config", "tiny", "--steps", "2", "--no-progress", "preview_steps=1",
+                            "val_every=2", "ckpt_every=2", "export.resolution=32", "export.threshold=3", "export.turntable_frames=2",
+                            "export.turntable_size=16"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout)["status"] == "ok"
+    finally:
+        sys.path.remove(str(ROOT / "pipelines"))
+
+
+def test_full_size_without_weights_refuses_in_one_line(rendered_demo, tmp_path):
+    with pytest.raises(ValueError, match="model.vae_path is not set"):
+        ModelConfig.sd21().validate()
+    no_encoder = dataclasses.replace(ModelConfig.sd21(), vae_path=None, allow_random_weights=False,
+                                     latent="pixel")
+    with pytest.raises(ValueError, match="model.encoder.weights is not set: ViT-H-14"):
+        no_encoder.validate()
+    allowed = dataclasses.replace(ModelConfig.sd21(), allow_random_weights=True)
+    allowed.validate()
+    with torch.device("meta"):
+        model = MultiViewModel(allowed)              # the full-size layout builds, without memory, when allowed
+    assert sum(p.numel() for p in model.unet.parameters()) == pytest.approx(867.6e6, rel=1e-3)
+    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "sd21",
+                        "--data", str(rendered_demo), "--output", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model.vae_path is not set" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name,content", [("text.ckpt", "not a checkpoint\n"), ("image.png", "<html></html>"),
+                                          ("weights.safetensors", "not a checkpoint\n"), ("nothing.pt", "")])
+def test_a_file_that_is_no_checkpoint_is_one_whole_line(name, content, rendered_demo, tmp_path):
+    bad = tmp_path / name
+    bad.write_text(content)
+    image = DATA / "clip-rgba-333x300.png"
+    for cmd in (["generate.py", "--image", str(image), "--checkpoint", str(bad), "--output", str(tmp_path / "g")],
+                ["finetune.py", "--stage", "1", "--data", str(rendered_demo), "--output", str(tmp_path / "f"),
+                 "--init", str(bad)]):
+        r = subprocess.run([sys.executable, str(ROOT / "pipelines" / cmd[0]), *cmd[1:]], capture_output=True, text=True,
+                           env={**__import__("os").environ, "ISO3D_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.count("\n") == 1 and str(bad) in r.stderr, r.stderr
+        assert r.stderr.rstrip().endswith((")", "safetensors)", "checkpoint (.ckpt/.pt/.safetensors)")), r.stderr
+
+
+def test_checkpoints_are_readable_by_diffusers_and_old_ones_still_load(tiny_checkpoint, tmp_path):
+    import shutil
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from model import checkpoint
+    ours = checkpoint.load_model(tiny_checkpoint)
+    theirs = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet")
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.unet.state_dict().items())
+    assert DDPMScheduler.from_pretrained(tiny_checkpoint / "scheduler").config.beta_schedule == "scaled_linear"
+    old = tmp_path / "old"                       # the layout before unet/: config.json + model.safetensors
+    old.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", old / "config.json")
+    save_file({k: v.contiguous() for k, v in ours.unet.state_dict().items()}, str(old / "model.safetensors"))
+    again = checkpoint.load_model(old)
+    assert all(torch.equal(v, again.unet.state_dict()[k]) for k, v in ours.unet.state_dict().items())

@@ -34,7 +34,7 @@ def test_overfit_two_objects_loss_falls_by_half(two_objects, tmp_path):
     losses = out["losses"]
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.5 * start, (start, end)
-    assert (tmp_path / "checkpoints" / "step-000040" / "model.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "step-000040" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path / "validation" / "step-000040.png").exists()
     assert list((tmp_path / "tensorboard").iterdir())
 
@@ -65,8 +65,8 @@ def test_resume_gives_the_same_weights_as_training_straight(two_objects, tmp_pat
     shutil.rmtree(tmp_path / "resumed" / "tensorboard")       # as after a kill: only checkpoints survive
     out = train(cfg, two_objects, tmp_path / "resumed", resume="latest")
     assert out["start"] == 3 and len(out["losses"]) == 3
-    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-000006" / "model.safetensors"))
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-000006" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -83,7 +83,7 @@ def test_stage1_then_stage2_through_the_cli_and_ray_train_ddp(ray_local, two_obj
     s2 = tmp_path / "s2"
     assert finetune_main(["--stage", "2", "--data", str(two_objects), "--output", str(s2), "--init", str(ckpt),
                           "--max-steps", "2", "sample_steps=2"]) == 0
-    assert (s2 / "checkpoints" / "step-000002" / "model.safetensors").exists()
+    assert (s2 / "checkpoints" / "step-000002" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("args,message", [
