@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
 
-from model.convert import FEATURIZATIONS, ConversionError, convert  # noqa: E402
+from model.convert import ConversionError, convert  # noqa: E402
+from model.mvmodel import FEATURIZATIONS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,7 +40,11 @@ def main(argv=None) -> int:
         return 2
     cfg = json.loads((out / "config.json").read_text())
     print(json.dumps({"output": str(out), "camera_featurization": cfg["camera_featurization"],
-                      "vae_path": cfg["vae_path"], "encoder_weights": cfg["encoder"]["weights"]}, indent=1))
+                      "preprocessing": cfg["preprocessing"], "vae_path": cfg["vae_path"],
+                      "encoder_weights": cfg["encoder"]["weights"]}, indent=1))
+    if cfg["vae_path"] is None:
+        print("convert_checkpoint.py: note: the file holds no VAE; give model.vae_path=DIR (SD 2.1's vae/) when "
+              "you use this checkpoint", file=sys.stderr)
     return 0
 
 

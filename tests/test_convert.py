@@ -331,9 +331,11 @@ def test_a_file_that_is_no_checkpoint_is_one_whole_line(name, content, rendered_
     bad = tmp_path / name
     bad.write_text(content)
     image = DATA / "clip-rgba-333x300.png"
-    for cmd in (["generate.py", "--image", str(image), "--checkpoint", str(bad), "--output", str(tmp_path / "g")],
-                ["finetune.py", "--stage", "1", "--data", str(rendered_demo), "--output", str(tmp_path / "f"),
-                 "--init", str(bad)]):
+    commands = [["generate.py", "--image", str(image), "--checkpoint", str(bad), "--output", str(tmp_path / "g")]]
+    if name == "text.ckpt":        # the same loader behind both scripts: one finetune.py case is enough
+        commands.append(["finetune.py", "--stage", "1", "--data", str(rendered_demo), "--output", str(tmp_path / "f"),
+                         "--init", str(bad)])
+    for cmd in commands:
         r = subprocess.run([sys.executable, str(ROOT / "pipelines" / cmd[0]), *cmd[1:]], capture_output=True, text=True,
                            env={**__import__("os").environ, "ISO3D_CACHE": str(tmp_path / "cache")})
         assert r.returncode == 2, r.stderr[-2000:]
