@@ -1,7 +1,7 @@
 """Checkpoints: a directory per step, complete only once renamed into place.
 
     checkpoints/step-000100/
-      config.json          the resolved model configuration (camera featurisation, preprocessing, VAE and
+      config.json          the resolved model configuration (camera featurisation, inference conventions, VAE and
                            encoder weights; relative paths are relative to this directory)
       unet/                UNet + camera MLP as diffusers' save_pretrained writes them
       scheduler/           the noise schedule (diffusers DDPMScheduler)

@@ -4,7 +4,7 @@ an SD 2.1 .ckpt/.safetensors) into the project's checkpoint layout (DESIGN.md se
     python pipelines/convert_checkpoint.py --input isotropic3d.ckpt --output ckpt/iso3d \
         --camera-featurization isotropic3d-double-radians
 
-    ckpt/iso3d/config.json          ModelConfig (layout, camera featurisation, preprocessing, vae_path, encoder weights)
+    ckpt/iso3d/config.json          ModelConfig (layout, camera featurisation, inference, vae_path, encoder weights)
     ckpt/iso3d/unet/                UNet + camera MLP as diffusers' save_pretrained writes it
     ckpt/iso3d/scheduler/           the noise schedule (diffusers DDPMScheduler config)
     ckpt/iso3d/vae/                 diffusers AutoencoderKL (from first_stage_model.*), when the file has it
@@ -130,7 +130,7 @@ def convert(input_path: Path, output: Path, camera_featurization: Optional[str] 
             clip_weights: Optional[str] = None, model_cfg=None) -> Path:
     """Write a checkpoint directory; returns it. camera_featurization None: isotropic3d-double-radians
     when the file carries the image tower (the released Isotropic3D checkpoint), else mvdream; the
-    released checkpoint also gets the released inference's preprocessing."""
+    released checkpoint also gets the released inference conventions (inference: isotropic3d-release)."""
     from model.checkpoint import write_unet, write_scheduler
     from model.mvmodel import FEATURIZATIONS, ModelConfig, MultiViewModel
     from model.unet import build_unet
@@ -166,7 +166,7 @@ def convert(input_path: Path, output: Path, camera_featurization: Optional[str] 
         cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, weights=str(clip_weights)))
     featurization = camera_featurization or ("isotropic3d-double-radians" if visual is not None else "mvdream")
     cfg = dataclasses.replace(cfg, camera_featurization=featurization,
-                              preprocessing="isotropic3d-release" if visual is not None else cfg.preprocessing)
+                              inference="isotropic3d-release" if visual is not None else cfg.inference)
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     (tmp / "source.json").write_text(json.dumps({"converted_from": str(Path(input_path).resolve()),
                                                  "digest": file_digest(input_path)}, indent=2))

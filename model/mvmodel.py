@@ -25,7 +25,7 @@ LATENT_SCALE = 0.18215
 
 
 FEATURIZATIONS = ("mvdream", "isotropic3d-double-radians")
-PREPROCESSINGS = ("project", "isotropic3d-release")
+INFERENCES = ("project", "isotropic3d-release")
 
 
 @dataclass
@@ -44,12 +44,13 @@ class ModelConfig:
     camera_featurization: str = "mvdream"
     """mvdream: flattened c2w with unit translation. isotropic3d-double-radians: the released
     checkpoint's quirk (degrees converted to radians twice, in a y-up frame; see double_radians_features)."""
-    preprocessing: str = "project"
-    """How CLIP inputs and the 3D stage's latents are prepared. isotropic3d-release: as the released
-    inference code (CLIP input area-resized to 256, composited, bicubic align-corners resize to 224 with
-    kornia's antialiasing; renders resized bilinearly without antialiasing and encoded with a *sample* of
-    the VAE posterior). project: composite then one antialiased bicubic resize; antialiased bilinear
-    resize and the posterior *mean* (deterministic, less gradient noise)."""
+    inference: str = "project"
+    """Whose inference conventions to follow where they are not in the weights. isotropic3d-release: the
+    released code's (CLIP input area-resized to 256, composited, bicubic align-corners resize to 224 with
+    kornia's antialiasing; the 3D stage's renders resized bilinearly without antialiasing and encoded with
+    a *sample* of the VAE posterior; the 2D preview sampled with DDIM eta 1). project: the image composited
+    and resized once with antialiasing; antialiased render resize and the posterior *mean* (deterministic,
+    less gradient noise); DDIM eta 0."""
     allow_random_weights: bool = False
     """A VAE model without vae_path, or a non-tiny encoder without weights, is an error unless this is
     true (tests, benchmarks): full-size results from random weights are never silent."""
@@ -71,8 +72,8 @@ class ModelConfig:
             raise ValueError(f"model.latent {self.latent!r}: expected vae or pixel")
         if self.camera_featurization not in FEATURIZATIONS:
             raise ValueError(f"model.camera_featurization {self.camera_featurization!r}: expected one of {', '.join(FEATURIZATIONS)}")
-        if self.preprocessing not in PREPROCESSINGS:
-            raise ValueError(f"model.preprocessing {self.preprocessing!r}: expected one of {', '.join(PREPROCESSINGS)}")
+        if self.inference not in INFERENCES:
+            raise ValueError(f"model.inference {self.inference!r}: expected one of {', '.join(INFERENCES)}")
         if self.latent == "vae" and self.vae_path is None and not self.allow_random_weights:
             raise ValueError("model.vae_path is not set: this model needs VAE weights (a diffusers AutoencoderKL folder, "
                              "e.g. the vae/ of a converted checkpoint); set model.vae_path=DIR, or "
@@ -222,10 +223,11 @@ class MultiViewModel(torch.nn.Module):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, clip_embedding: torch.Tensor, c2w_gl: torch.Tensor, steps: int = 50, guidance: float = 10.0,
-               generator: Optional[torch.Generator] = None, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, features: Optional[torch.Tensor] = None,
+               eta: float = 0.0) -> torch.Tensor:
         """Views [V, 3, H, W] in [-1, 1] from one CLIP embedding [D] and V cameras [V, 4, 4] (or their
-        features [V, 16] as given, e.g. preview_cameras()): DDIM (eta 0) with classifier-free guidance
-        against the zero embedding."""
+        features [V, 16] as given, e.g. preview_cameras()): DDIM (eta 0 deterministic, 1 as the released
+        preview) with classifier-free guidance against the zero embedding."""
         device = next(self.unet.parameters()).device
         v = c2w_gl.shape[0]
         ddim = DDIMScheduler.from_config(self.schedule.config, set_alpha_to_one=False, steps_offset=1)
@@ -238,6 +240,6 @@ class MultiViewModel(torch.nn.Module):
         for t in ddim.timesteps:
             eps = self.predict(torch.cat([x, x]), t.repeat(2 * v).to(device), cams, context, v)
             cond, uncond = eps.chunk(2)
-            x = ddim.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+            x = ddim.step(uncond + guidance * (cond - uncond), t, x, eta=eta, generator=generator).prev_sample
         return self.decode(x)
 

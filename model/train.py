@@ -104,7 +104,7 @@ def from_dict(d: dict) -> TrainConfig:
 
 def prepare_embeddings(cfg: TrainConfig, data_dir: Path, objects) -> EmbeddingStore:
     """CLIP embeddings of every reference view, computed once (cached beside the renders)."""
-    encoder = ImageEncoder(cfg.model.encoder, cfg.model.preprocessing)
+    encoder = ImageEncoder(cfg.model.encoder, cfg.model.inference)
     store = EmbeddingStore(Path(data_dir) / "cache" / "clip", encoder.identity)
     store.build(objects, encoder.encode)
     return store

@@ -78,11 +78,11 @@ class MultiViewGuidance:
         self.alphas_cumprod = model.schedule.alphas_cumprod.to(self.device)
 
     def latents(self, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Renders -> what the UNet denoises, as the checkpoint's `preprocessing` says: the released code
+        """Renders -> what the UNet denoises, as the checkpoint's `inference` switch says: the released code
         resizes bilinearly without antialiasing and encodes a sample of the VAE posterior; the project
         antialiases (renders above the model's size alias otherwise) and takes the posterior mean."""
         size = self.model.cfg.image_size
-        released = self.model.cfg.preprocessing == "isotropic3d-release"
+        released = self.model.cfg.inference == "isotropic3d-release"
         x = F.interpolate(images01, (size, size), mode="bilinear", align_corners=False, antialias=not released) * 2 - 1
         return self.model.encode(x, grad=True, sample=generator if released else None)
 

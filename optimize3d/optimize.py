@@ -310,7 +310,8 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
             g = torch.Generator().manual_seed(cfg.seed)
             cams = preview_cameras(cfg)       # the released checkpoint: its own sampler's four preview cameras
             views = model.sample(embedding, cams, cfg.preview_steps, cfg.guidance.guidance_scale, g,
-                                 features=model.preview_cameras(cams))
+                                 features=model.preview_cameras(cams),
+                                 eta=1.0 if model.cfg.inference == "isotropic3d-release" else 0.0)
             (work / "multiview").mkdir(exist_ok=True)
             for i, v in enumerate(views):                 # azimuths 0, 90, 180, 270 (for evaluation)
                 to_image((v + 1) / 2).save(work / "multiview" / f"{i:03d}.png")
@@ -337,9 +338,9 @@ def clip_embedding(picture: Image.Image, image_sha: str, model_cfg, cache: Path)
     from common.atomic import atomic_write_bytes
     from model.encoder import ImageEncoder, encoder_identity
     from safetensors.torch import save as save_bytes
-    path = cache / f"{image_sha[:16]}-{config_hash(encoder_identity(model_cfg.encoder, model_cfg.preprocessing))}.safetensors"
+    path = cache / f"{image_sha[:16]}-{config_hash(encoder_identity(model_cfg.encoder, model_cfg.inference))}.safetensors"
     if path.is_file():
         return load_file(str(path))["embedding"]
-    emb = ImageEncoder(model_cfg.encoder, model_cfg.preprocessing).encode([picture])[0]
+    emb = ImageEncoder(model_cfg.encoder, model_cfg.inference).encode([picture])[0]
     atomic_write_bytes(path, save_bytes({"embedding": emb.contiguous()}))
     return emb

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         return 2
     cfg = json.loads((out / "config.json").read_text())
     print(json.dumps({"output": str(out), "camera_featurization": cfg["camera_featurization"],
-                      "preprocessing": cfg["preprocessing"], "vae_path": cfg["vae_path"],
+                      "inference": cfg["inference"], "vae_path": cfg["vae_path"],
                       "encoder_weights": cfg["encoder"]["weights"]}, indent=1))
     if cfg["vae_path"] is None:
         print("convert_checkpoint.py: note: the file holds no VAE; give model.vae_path=DIR (SD 2.1's vae/) when "

@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, required=True, help="a render output (pipelines/render_objaverse.py --output)")
     p.add_argument("--output", type=Path, required=True, help="run directory")
     p.add_argument("--init", help="where to start from: a checkpoint directory (its whole model configuration comes "
-                                  "with it: layout, VAE, encoder weights, featurisation, preprocessing; model.* "
+                                  "with it: layout, VAE, encoder weights, featurisation, inference conventions; model.* "
                                   "overrides still win), a run directory (its latest checkpoint), or an original LDM "
                                   "file (sd-v2.1-base-4view.pt, isotropic3d.ckpt), converted once")
     p.add_argument("--max-steps", type=int)

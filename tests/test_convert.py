@@ -251,12 +251,12 @@ def assert_released_model(model_cfg, sd, tower):
     from model.encoder import ImageEncoder
     from model.mvmodel import MultiViewModel
     assert model_cfg.camera_featurization == "isotropic3d-double-radians"
-    assert model_cfg.preprocessing == "isotropic3d-release" and model_cfg.latent == "vae"
+    assert model_cfg.inference == "isotropic3d-release" and model_cfg.latent == "vae"
     model = MultiViewModel(model_cfg)
     vae = model.vae.state_dict()
     for name in ("encoder.conv_in.weight", "decoder.conv_out.bias", "quant_conv.weight"):
         assert torch.equal(vae[name], sd[f"first_stage_model.{name}"]), name
-    enc = ImageEncoder(model_cfg.encoder, model_cfg.preprocessing)
+    enc = ImageEncoder(model_cfg.encoder, model_cfg.inference)
     assert all(torch.equal(v, tower[k]) for k, v in enc.visual.state_dict().items())
     assert enc.preprocessing == "isotropic3d-release"
 
@@ -285,8 +285,8 @@ def test_converted_directory_brings_vae_encoder_and_featurisation_to_finetune_an
         assert_released_model(checkpoint.model_config(step), sd, tower)
         # An override on the command line still wins over the checkpoint's configuration.
         args = finetune.parse_args(["--stage", "1", "--data", str(rendered_demo), "--output", str(tmp_path / "r2"),
-                                    "--init", str(moved), "model.preprocessing=project"])
-        assert finetune.resolve(args)[0].model.preprocessing == "project"
+                                    "--init", str(moved), "model.inference=project"])
+        assert finetune.resolve(args)[0].model.inference == "project"
 
         args = generate.parse_args(["--image", str(DATA / "clip-rgba-333x300.png"), "--checkpoint", str(moved)])
         model_cfg = generate.resolve_model(args)
@@ -358,3 +358,36 @@ def test_checkpoints_are_readable_by_diffusers_and_old_ones_still_load(tiny_chec
     save_file({k: v.contiguous() for k, v in ours.unet.state_dict().items()}, str(old / "model.safetensors"))
     again = checkpoint.load_model(old)
     assert all(torch.equal(v, again.unet.state_dict()[k]) for k, v in ours.unet.state_dict().items())
+
+
+def test_guidance_latents_follow_the_inference_switch():
+    """isotropic3d-release: bilinear resize without antialiasing, a *sample* of the VAE posterior (x 0.18215),
+    as the released guidance's encode_images; project: antialiased resize and the posterior mean."""
+    import torch.nn.functional as F
+    from optimize3d.guidance import GuidanceConfig, MultiViewGuidance
+    renders = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    released = dataclasses.replace(tiny_vae_model_cfg(), inference="isotropic3d-release", allow_random_weights=True)
+    torch.manual_seed(0)
+    model = MultiViewModel(released)
+    guide = MultiViewGuidance(model, torch.zeros(64), GuidanceConfig())
+    got = guide.latents(renders.clone().requires_grad_(), torch.Generator().manual_seed(7))
+    x = F.interpolate(renders, (32, 32), mode="bilinear", align_corners=False) * 2 - 1
+    expected = model.vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(7)) * 0.18215
+    assert torch.allclose(got, expected, atol=1e-6) and got.requires_grad
+    assert not torch.allclose(got, guide.latents(renders, torch.Generator().manual_seed(8)), atol=1e-4)
+    model.cfg = dataclasses.replace(released, inference="project")
+    got = guide.latents(renders, torch.Generator().manual_seed(7))
+    x = F.interpolate(renders, (32, 32), mode="bilinear", align_corners=False, antialias=True) * 2 - 1
+    assert torch.allclose(got, model.vae.encode(x).latent_dist.mean * 0.18215, atol=1e-6)
+
+
+def test_sampler_eta_one_is_seeded_and_differs_from_eta_zero():
+    from render.cameras import c2w_blender
+    torch.manual_seed(0)
+    model = MultiViewModel(ModelConfig.tiny()).eval()
+    cams = torch.tensor(np.stack([c2w_blender(a, 15.0, 1.5) for a in (0, 90, 180, 270)]), dtype=torch.float32)
+    emb = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    run = lambda eta, seed: model.sample(emb, cams, steps=3, guidance=3.0, eta=eta,  # noqa: E731
+                                         generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1.0, 5), run(1.0, 5))
+    assert not torch.allclose(run(1.0, 5), run(0.0, 5), atol=1e-4)
