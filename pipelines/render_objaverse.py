@@ -10,6 +10,8 @@
 Each object is rendered in its own Blender process (timeout, process group killed), its folder
 appears under OUTPUT/objects/<uid>/ only when complete, and every attempt is a line of
 OUTPUT/manifest.jsonl. A rerun skips objects already complete with the same render settings.
+Exit status: 0 when at least one object is complete (failures are in the manifest), 1 when every
+object of the run failed, 2 for bad input (nothing is written then).
 Extra `key=value` arguments override configuration fields (e.g. settings.denoiser=high).
 """
 from __future__ import annotations
@@ -78,13 +80,13 @@ def main(argv=None) -> int:
             uids_path = Path(args.uids)
             uids = uids_path.read_text().split() if uids_path.is_file() else args.uids.split(",")
         categories = args.lvis_categories.split(",") if args.lvis_categories else None
-        root = RenderRoot(args.output)
         refs = list_objects(args.source, args.output / "sources", seed=cfg.settings.seed, demo_count=args.demo_count,
                             uids=uids, lvis_categories=categories, objaverse_dir=args.objaverse_dir)
     except (ConfigError, SourceError, ValueError, OSError) as e:
         print(f"render_objaverse.py: error: {e}", file=sys.stderr)
         return 2
 
+    root = RenderRoot(args.output)          # created only once the run's input is known to be good
     run_dir = root.path / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -97,6 +99,10 @@ def main(argv=None) -> int:
     summary.update(source=args.source, shards=shards, num_shards=cfg.num_shards)
     atomic_write_json(run_dir / "summary.json", summary)
     print(json.dumps({k: summary[k] for k in ("selected", "skipped", "ok", "failed", "failures")}))
+    if summary["failed"] and not summary["ok"] and not summary["skipped"]:
+        print(f"render_objaverse.py: error: every object failed ({summary['failures']}); see {root.path / 'manifest.jsonl'} "
+              f"and {root.logs}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -199,3 +199,16 @@ def test_a_killed_blender_is_a_crash_and_leaves_nothing(tmp_path):
     assert "SIGKILL" in result["error"]
     assert not (root.objects / "Duck.glb").exists() and not list(root.objects.glob(".tmp-*"))
     assert render_worker_pids(root.path) == []
+
+
+def test_a_run_where_every_object_fails_exits_non_zero_and_bad_input_writes_nothing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.glb").write_text("just some text\n")
+    (src / "page.glb").write_text("<!DOCTYPE html><html><body>404</body></html>\n")
+    out = tmp_path / "out"
+    assert render_main(["--source", str(src), "--output", str(out), *SMALL]) == 1
+    latest = RenderRoot(out).latest()
+    assert {(e["status"], e["reason"]) for e in latest.values()} == {("failed", "unreadable")}
+    assert render_main(["--source", str(tmp_path / "no-such-folder"), "--output", str(tmp_path / "out2"), *SMALL]) == 2
+    assert not (tmp_path / "out2").exists()
