@@ -1,10 +1,11 @@
-"""Fine-tune the multi-view diffusion model: stage 1 (image-CLIP conditioning) or stage 2 (EMA).
+"""Fine-tune the multi-view diffusion model: stage 1 (image-CLIP conditioning) or stage 2 (Explicit Multi-view
+Attention, the paper's "EMA": not an exponential moving average).
 
     python pipelines/finetune.py --stage 1 --config tiny --data outputs/render --output runs/stage1
     python pipelines/finetune.py --stage 2 --config tiny --data outputs/render --output runs/stage2 \
         --init runs/stage1/checkpoints/step-000200
     python pipelines/finetune.py --stage 1 --config sd21 --data /shared/renders --output /shared/s1 \
-        --num-workers 8 --address auto model.vae_path=/models/sd21-vae
+        --num-workers 8 --address auto --init sd-v2.1-base-4view.pt model.encoder.weights=/models/vit-h-14.bin
     python pipelines/finetune.py ... --resume latest            # continue a killed run exactly
 
 --num-workers 0 trains in this process; N >= 1 runs N Ray Train (DDP) workers, locally (127.0.0.1)
@@ -52,8 +53,10 @@ def resolve(args) -> tuple[TrainConfig, str | None]:
     --init checkpoint's model configuration, then the --config file, then the command line."""
     if args.config in ("tiny", "sd21"):
         base, path = getattr(TrainConfig, args.config)(args.stage), None
-    else:
+    elif Path(args.config).is_file():
         base, path = TrainConfig.tiny(args.stage), Path(args.config)
+    else:
+        raise ValueError(f"--config {args.config}: neither a preset (tiny, sd21) nor a YAML file")
     overrides = [f"stage={args.stage}"] + ([f"max_steps={args.max_steps}"] if args.max_steps else []) + args.overrides
     cfg = load_config(TrainConfig, path, overrides, base=base)
     init = None

@@ -391,3 +391,10 @@ def test_sampler_eta_one_is_seeded_and_differs_from_eta_zero():
                                          generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(1.0, 5), run(1.0, 5))
     assert not torch.allclose(run(1.0, 5), run(0.0, 5), atol=1e-4)
+
+
+def test_an_unknown_config_names_the_presets(rendered_demo, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "huge",
+                        "--data", str(rendered_demo), "--output", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tiny, sd21" in r.stderr
+    assert not (tmp_path / "run").exists()
