@@ -172,7 +172,7 @@ class MultiViewModel(torch.nn.Module):
             return double_radians_features(c2w_gl)
         raise ValueError(f"camera_featurization {self.cfg.camera_featurization!r}: expected one of {FEATURIZATIONS}")
 
-    def preview_cameras(self, c2w_gl: torch.Tensor) -> torch.Tensor:
+    def preview_features(self, c2w_gl: torch.Tensor) -> torch.Tensor:
         """Features of the 4 preview views (azimuths 0/90/180/270): with the released featurisation, exactly
         the released sampler's four preview cameras; otherwise the cameras given."""
         if self.cfg.camera_featurization == "isotropic3d-double-radians":
@@ -226,7 +226,7 @@ class MultiViewModel(torch.nn.Module):
                generator: Optional[torch.Generator] = None, features: Optional[torch.Tensor] = None,
                eta: float = 0.0) -> torch.Tensor:
         """Views [V, 3, H, W] in [-1, 1] from one CLIP embedding [D] and V cameras [V, 4, 4] (or their
-        features [V, 16] as given, e.g. preview_cameras()): DDIM (eta 0 deterministic, 1 as the released
+        features [V, 16] as given, e.g. preview_features()): DDIM (eta 0 deterministic, 1 as the released
         preview) with classifier-free guidance against the zero embedding."""
         device = next(self.unet.parameters()).device
         v = c2w_gl.shape[0]

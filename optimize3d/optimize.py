@@ -310,7 +310,7 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
             g = torch.Generator().manual_seed(cfg.seed)
             cams = preview_cameras(cfg)       # the released checkpoint: its own sampler's four preview cameras
             views = model.sample(embedding, cams, cfg.preview_steps, cfg.guidance.guidance_scale, g,
-                                 features=model.preview_cameras(cams),
+                                 features=model.preview_features(cams),
                                  eta=1.0 if model.cfg.inference == "isotropic3d-release" else 0.0)
             (work / "multiview").mkdir(exist_ok=True)
             for i, v in enumerate(views):                 # azimuths 0, 90, 180, 270 (for evaluation)

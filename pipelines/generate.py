@@ -60,7 +60,8 @@ def model_overrides(args) -> list[str]:
 
 
 def resolve_model(args):
-    """The checkpoint directory and the model configuration it brings, with model.* overrides applied."""
+    """The model configuration the checkpoint brings, with model.* overrides applied; args.checkpoint becomes
+    the checkpoint directory (an original file converted, a run directory resolved to its latest)."""
     from model import checkpoint
     if is_raw_checkpoint(args.checkpoint):           # an original LDM file: converted once, then reused
         args.checkpoint = as_checkpoint_dir(args.checkpoint)

@@ -183,11 +183,11 @@ def test_the_3d_stage_and_the_sampler_use_the_released_cameras():
     from render.cameras import c2w_blender
     model = MultiViewModel(dataclasses.replace(ModelConfig.tiny(), camera_featurization="isotropic3d-double-radians"))
     preview = torch.tensor(np.stack([c2w_blender(a, 30.0, 1.5) for a in (0, 90, 180, 270)]), dtype=torch.float32)
-    assert np.abs(model.preview_cameras(preview).numpy() - np.array(RELEASED_PREVIEW)).max() <= 1e-6
+    assert np.abs(model.preview_features(preview).numpy() - np.array(RELEASED_PREVIEW)).max() <= 1e-6
     seen = []
     real_predict = model.predict
     model.predict = lambda x, t, cams, ctx, v: seen.append(cams) or real_predict(x, t, cams, ctx, v)
-    model.sample(torch.zeros(64), preview, steps=1, guidance=3.0, features=model.preview_cameras(preview))
+    model.sample(torch.zeros(64), preview, steps=1, guidance=3.0, features=model.preview_features(preview))
     assert np.abs(seen[-1][:4].numpy() - np.array(RELEASED_PREVIEW)).max() <= 1e-6
     guide = MultiViewGuidance(model, torch.zeros(64), GuidanceConfig())
     cams = torch.tensor(np.stack([c2w_blender(az, el, 2.0) for el, az in [(15, 45), (30, 200), (22, 359), (5, 90)]]),
@@ -197,8 +197,8 @@ def test_the_3d_stage_and_the_sampler_use_the_released_cameras():
     assert np.abs(seen[-1][:4].numpy() - expected).max() <= 1e-6
     # The project's own featurisation: the true cameras (flattened c2w, unit translation), no quirk.
     ours = MultiViewModel(ModelConfig.tiny())
-    assert torch.allclose(ours.preview_cameras(preview), camera_features(preview))
-    assert np.abs(ours.preview_cameras(preview).numpy() - np.array(RELEASED_PREVIEW)).max() > 0.5
+    assert torch.allclose(ours.preview_features(preview), camera_features(preview))
+    assert np.abs(ours.preview_features(preview).numpy() - np.array(RELEASED_PREVIEW)).max() > 0.5
 
 
 def test_image_tower_alone_loads_into_the_encoder(tmp_path):
