@@ -1,4 +1,4 @@
-"""Training samples (DESIGN.md section 2): 30% single-view branch, 70% multi-view branch.
+"""Training samples: 30% single-view branch, 70% multi-view branch.
 
     ds = MultiViewDataset(objects, embeddings, image_size=32)
     loader = DataLoader(ds, batch_sampler=BranchBatchSampler(len(ds), batch_size=4, seed=0))

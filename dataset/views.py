@@ -1,4 +1,5 @@
-"""Read one rendered object (DESIGN.md section 1) into tensors on a white background.
+"""Read one rendered object (the layout render/ writes: OUTPUT/objects/<uid>/ with random/, fixed/,
+cameras.json, meta.json; README "Render") into tensors on a white background.
 
     obj = RenderedObject.open(render_root / "objects" / uid)     # raises BrokenObject with the reason
     img = obj.image("random", 3, size=32)                         # [3, H, W] in [-1, 1]

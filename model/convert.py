@@ -1,5 +1,5 @@
 """Convert LDM-format checkpoints (MVDream's sd-v2.1-base-4view.pt, the released isotropic3d.ckpt, or
-an SD 2.1 .ckpt/.safetensors) into the project's checkpoint layout (DESIGN.md section 3).
+an SD 2.1 .ckpt/.safetensors) into the project's checkpoint layout (model/checkpoint.py).
 
     python pipelines/convert_checkpoint.py --input isotropic3d.ckpt --output ckpt/iso3d \
         --camera-featurization isotropic3d-double-radians
@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.atomic import replace_dir
+from model.checkpoint import weights_file, write_scheduler, write_unet
 from common.config import config_hash, file_digest
 
 UNET_PREFIX = "model.diffusion_model."
@@ -131,7 +132,6 @@ def convert(input_path: Path, output: Path, camera_featurization: Optional[str] 
     """Write a checkpoint directory; returns it. camera_featurization None: isotropic3d-double-radians
     when the file carries the image tower (the released Isotropic3D checkpoint), else mvdream; the
     released checkpoint also gets the released inference conventions (inference: isotropic3d-release)."""
-    from model.checkpoint import write_unet, write_scheduler
     from model.mvmodel import FEATURIZATIONS, ModelConfig, MultiViewModel
     from model.unet import build_unet
     if camera_featurization is not None and camera_featurization not in FEATURIZATIONS:
@@ -193,7 +193,6 @@ def as_checkpoint_dir(path: Path, cache_root: Optional[Path] = None, **kwargs) -
         return path
     layout = kwargs.get("model_cfg")
     out = Path(cache_root) / f"{path.stem}-{file_digest(path)}{'-' + config_hash(layout.unet)[:8] if layout else ''}"
-    from model.checkpoint import weights_file
     if weights_file(out) is not None:
         return out
     return convert(path, out, **kwargs)

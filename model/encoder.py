@@ -27,6 +27,7 @@ from render.preview import on_white
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "iso3d-tiny-vit"
 RANDOM_INIT_SEED = 0
+INFERENCES = ("project", "isotropic3d-release")   # model.inference: whose conventions (model/mvmodel.py)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -55,8 +56,7 @@ class ImageEncoder(torch.nn.Module):
     def __init__(self, cfg: EncoderConfig, preprocessing: str = "project"):
         super().__init__()
         import open_clip
-        if preprocessing not in ("project", "isotropic3d-release"):
-            raise ValueError(f"preprocessing {preprocessing!r}: expected project or isotropic3d-release")
+        _check(preprocessing)
         self.preprocessing = preprocessing
         if cfg.weights is not None and not Path(cfg.weights).is_file():
             raise FileNotFoundError(f"encoder weights {cfg.weights}: not found")
@@ -84,6 +84,7 @@ class ImageEncoder(torch.nn.Module):
 
 def preprocess(images: list[Image.Image], size: int, preprocessing: str = "project") -> torch.Tensor:
     """PIL images (RGBA composited on white; RGB as is) -> [N, 3, size, size], CLIP-normalised."""
+    _check(preprocessing)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     if preprocessing == "isotropic3d-release":
         # The released inference, step by step: its prepare_embeddings (OpenCV area resize of the RGBA to
@@ -98,12 +99,15 @@ def preprocess(images: list[Image.Image], size: int, preprocessing: str = "proje
         x = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2) * 2.0 - 1.0
         x = kornia.geometry.resize(x, (size, size), interpolation="bicubic", align_corners=True, antialias=True)
         return ((x + 1.0) / 2.0 - mean) / std
-    if preprocessing != "project":
-        raise ValueError(f"preprocessing {preprocessing!r}: expected project or isotropic3d-release")
     arrays = [np.asarray(on_white(img), dtype=np.float32) / 255.0 for img in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     return (x - mean) / std
+
+
+def _check(preprocessing: str) -> None:
+    if preprocessing not in INFERENCES:
+        raise ValueError(f"preprocessing {preprocessing!r}: expected one of {', '.join(INFERENCES)}")
 
 
 def encoder_identity(cfg: EncoderConfig, preprocessing: str = "project") -> str:

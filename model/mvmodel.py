@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
-from model.encoder import EncoderConfig
+from model.encoder import INFERENCES, EncoderConfig
 from model.unet import UNetConfig, build_unet, camera_features, multiview_forward
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -25,7 +25,6 @@ LATENT_SCALE = 0.18215
 
 
 FEATURIZATIONS = ("mvdream", "isotropic3d-double-radians")
-INFERENCES = ("project", "isotropic3d-release")
 
 
 @dataclass
@@ -180,6 +179,13 @@ class MultiViewModel(torch.nn.Module):
                 raise ValueError(f"the released preview has 4 views, {c2w_gl.shape[0]} cameras given")
             return released_preview_features().to(c2w_gl)
         return self.cameras(c2w_gl)
+
+    def sample_preview(self, clip_embedding: torch.Tensor, c2w_gl: torch.Tensor, steps: int, guidance: float,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The 4 preview views (azimuths 0/90/180/270 given as c2w_gl) as this checkpoint's conventions
+        sample them: the released model with its sampler's own cameras (preview_features) and DDIM eta 1."""
+        eta = 1.0 if self.cfg.inference == "isotropic3d-release" else 0.0
+        return self.sample(clip_embedding, c2w_gl, steps, guidance, generator, features=self.preview_features(c2w_gl), eta=eta)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cams16: torch.Tensor, context: torch.Tensor, views: int):
         return multiview_forward(self.unet, x, t, cams16, context, views)

@@ -3,7 +3,7 @@
     cfg = GenerateConfig.tiny()                               # or GenerateConfig.sd21() (the paper)
     result = generate(Path("photo.png"), Path("ckpt/step-000200"), Path("outputs/gen"), cfg)
 
-Output (DESIGN.md section 4): <out>/<image-stem>-<key>/ with config.yaml, cmd.txt, multiview.png
+Output: <out>/<image-stem>-<key>/ with config.yaml, cmd.txt, multiview.png
 (input + the 4 sampled views; each view also in multiview/),
 nerf/step-N/ (resumable), validation/step-N.png, mesh.glb, turntable.gif, generate.log, result.json.
 The key hashes the image's bytes, the checkpoint and every setting but `export`: the directory is
@@ -308,10 +308,7 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
         embedding = clip_embedding(picture, image_sha, model.cfg, Path(out_root) / "cache" / "clip")
         if not (work / "multiview.png").is_file():
             g = torch.Generator().manual_seed(cfg.seed)
-            cams = preview_cameras(cfg)       # the released checkpoint: its own sampler's four preview cameras
-            views = model.sample(embedding, cams, cfg.preview_steps, cfg.guidance.guidance_scale, g,
-                                 features=model.preview_features(cams),
-                                 eta=1.0 if model.cfg.inference == "isotropic3d-release" else 0.0)
+            views = model.sample_preview(embedding, preview_cameras(cfg), cfg.preview_steps, cfg.guidance.guidance_scale, g)
             (work / "multiview").mkdir(exist_ok=True)
             for i, v in enumerate(views):                 # azimuths 0, 90, 180, 270 (for evaluation)
                 to_image((v + 1) / 2).save(work / "multiview" / f"{i:03d}.png")

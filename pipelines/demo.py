@@ -7,7 +7,7 @@ stage 1 and stage 2 -> the image of a held-out object -> a mesh, evaluated and s
 
 Each stage runs the real pipeline script (render_objaverse.py, finetune.py, generate.py) as its own
 process. Its output is OUTPUT/<stage>-<key>/, where the key hashes the stage's settings and the keys
-of the stages it reads (DESIGN.md section 5): a second run finds every directory and redoes nothing;
+of the stages it reads: a second run finds every directory and redoes nothing;
 a changed setting gives its stage, and every stage after it, a new key; nothing upstream is redone.
 A stage is built in <stage>-<key>.partial/ and renamed when it succeeds; a killed stage resumes there
 (renders already complete and checkpoints are kept) and is never taken for a finished one.

@@ -189,6 +189,8 @@ def test_the_3d_stage_and_the_sampler_use_the_released_cameras():
     model.predict = lambda x, t, cams, ctx, v: seen.append(cams) or real_predict(x, t, cams, ctx, v)
     model.sample(torch.zeros(64), preview, steps=1, guidance=3.0, features=model.preview_features(preview))
     assert np.abs(seen[-1][:4].numpy() - np.array(RELEASED_PREVIEW)).max() <= 1e-6
+    model.sample_preview(torch.zeros(64), preview, steps=1, guidance=3.0)    # what generate.py's multiview.png calls
+    assert np.abs(seen[-1][:4].numpy() - np.array(RELEASED_PREVIEW)).max() <= 1e-6
     guide = MultiViewGuidance(model, torch.zeros(64), GuidanceConfig())
     cams = torch.tensor(np.stack([c2w_blender(az, el, 2.0) for el, az in [(15, 45), (30, 200), (22, 359), (5, 90)]]),
                         dtype=torch.float32)
