@@ -174,6 +174,29 @@ def build_field(cfg: GenerateConfig, device: torch.device):
     return nerf, grid, opt
 
 
+def sds_step(cfg: GenerateConfig, nerf: Field, grid, opt, guide: MultiViewGuidance, step: int) -> dict:
+    """One optimisation step of the field (every draw a function of (seed, step)) -> its losses."""
+    device = next(nerf.parameters()).device
+    g = torch.Generator().manual_seed(stable_seed(cfg.seed, step))
+    rng = random.Random(stable_seed(cfg.seed, step, "py"))
+    update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march)
+    c2w, fov, _, _ = sample_cameras(cfg, rng)
+    c2w, fov = c2w.to(device), fov.to(device)
+    mode = draw_shading(step, cfg.shading_start, cfg.p_textureless, cfg.p_lambertian, rng)
+    ambient = rng.random()
+    lights = light_positions(c2w[:, :3, 3], tuple(cfg.light_distance_range), g)
+    w_orient = linear_ramp(step, cfg.orientation_weight[0], cfg.orientation_weight[1], cfg.orientation_ramp_steps)
+    out = render_views(nerf, grid, c2w, fov, cfg.resolution_at(step), cfg.march, mode=mode, lights=lights,
+                       ambient=ambient, normals=w_orient > 0, stratified=True, generator=g)
+    loss_sds = guide(out["rgb"], c2w, step, g)
+    loss = loss_sds + (w_orient * out["orientation"] if w_orient > 0 else 0.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"step": step + 1, "loss": float(loss.detach()), "sds": float(loss_sds.detach()),
+            "orient": float(out.get("orientation", torch.zeros(())).detach()), "mode": mode, "samples": out["samples"]}
+
+
 def optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, progress: bool = True) -> tuple:
     """Score-distil the field from `model` conditioned on `embedding`; resumes from work/nerf/."""
     device = next(model.unet.parameters()).device
@@ -190,25 +213,9 @@ def optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, pr
                dynamic_ncols=True)
     losses_path = work / "losses.jsonl"
     for step in bar:
-        g = torch.Generator().manual_seed(stable_seed(cfg.seed, step))
-        rng = random.Random(stable_seed(cfg.seed, step, "py"))
-        update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march)
-        c2w, fov, _, _ = sample_cameras(cfg, rng)
-        c2w, fov = c2w.to(device), fov.to(device)
-        mode = draw_shading(step, cfg.shading_start, cfg.p_textureless, cfg.p_lambertian, rng)
-        ambient = rng.random()
-        lights = light_positions(c2w[:, :3, 3], tuple(cfg.light_distance_range), g)
-        w_orient = linear_ramp(step, cfg.orientation_weight[0], cfg.orientation_weight[1], cfg.orientation_ramp_steps)
-        out = render_views(nerf, grid, c2w, fov, cfg.resolution_at(step), cfg.march, mode=mode, lights=lights,
-                           ambient=ambient, normals=w_orient > 0, stratified=True, generator=g)
-        loss_sds = guide(out["rgb"], c2w, step, g)
-        loss = loss_sds + (w_orient * out["orientation"] if w_orient > 0 else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        parts = sds_step(cfg, nerf, grid, opt, guide, step)
         done = step + 1
-        parts = {"step": done, "loss": float(loss.detach()), "sds": float(loss_sds.detach()),
-                 "orient": float(out.get("orientation", torch.zeros(())).detach()), "mode": mode, "samples": out["samples"]}
+        mode = parts["mode"]
         bar.set_postfix(sds=f"{parts['sds']:.3g}", orient=f"{parts['orient']:.3g}", mode=mode)
         if done % cfg.log_every == 0 or done == cfg.steps:
             with open(losses_path, "a") as f:

@@ -28,11 +28,13 @@ def render_views(field, grid, c2w_gl: torch.Tensor, fov_deg: torch.Tensor, size:
     need_normals = normals or mode != "albedo"
     radius = field.cfg.radius
 
+    offset = 0                      # first ray of the chunk being marched: march() numbers rays per chunk
+
     def sample_fn(x, d, ray_index):
         sigma, albedo = field(x)
         if need_normals:
             n = field.normals(x, sigma)
-            light = lights[ray_index // per_view] if lights is not None else None
+            light = lights[(ray_index + offset) // per_view] if lights is not None else None
             parts = [shade(albedo, n, x, light, ambient, mode), n * 0.5 + 0.5,
                      ((n * d).sum(-1, keepdim=True).clamp(min=0) ** 2)]
         else:
@@ -42,6 +44,7 @@ def render_views(field, grid, c2w_gl: torch.Tensor, fov_deg: torch.Tensor, size:
     results = []
     chunk = ray_chunk or rays_o.shape[0]
     for s in range(0, rays_o.shape[0], chunk):
+        offset = s
         results.append(march(sample_fn, rays_o[s:s + chunk], rays_d[s:s + chunk], radius, cfg, grid=grid,
                              stratified=stratified, generator=generator))
     values = torch.cat([r["values"] for r in results])

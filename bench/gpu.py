@@ -1,0 +1,286 @@
+"""The first thing to run on a machine with a GPU: every full-size path, random weights, JSON out.
+
+    python bench/gpu.py                 # the sd21 sizes; writes bench/results/gpu-<gpu name>.json (<= 8 min, one H100)
+    python bench/gpu.py --reduced       # the same code at toy sizes (any CPU; what the tests run)
+
+1. Fine-tuning: stage 1 and stage 2 steps of the sd21 model (VAE encode of every view included) with
+   gradient checkpointing and bf16 autocast (on a GPU), at the per-worker batch the presets use
+   (multi-view branch: 4 views per object): seconds per micro-batch and per optimizer step, peak
+   memory, and the largest batch that fits (doubling, then bisecting, within a time budget).
+2. Sampling: DDIM-50, CFG 10, 4 views, fp32 (what generate.py's preview does) and bf16 autocast.
+3. The 3D stage at the paper's settings (GenerateConfig.sd21: hash grid 16 levels x 2^19, 512 samples
+   per ray, 4 views) at 64 and 256 px, albedo and shaded phases: steps/s, field samples per step, peak
+   memory and the bytes per field sample that peak implies. An out-of-memory is a result, recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.encoder import EncoderConfig  # noqa: E402
+from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
+from model.train import TrainConfig  # noqa: E402
+from model.unet import UNetConfig  # noqa: E402
+from optimize3d.guidance import MultiViewGuidance  # noqa: E402
+from optimize3d.optimize import GenerateConfig, build_field, sds_step  # noqa: E402
+from render.cameras import DISTANCE, c2w_blender  # noqa: E402
+
+VIEWS = 4
+TIME_BUDGET_S = 420          # the whole script: leaves a 10-minute loan room for start and transfers
+SEARCH_BUDGET_S = 45         # per stage, the largest-batch search
+
+
+def reduced_model() -> ModelConfig:
+    """sd21's code paths (VAE latents, 4-channel UNet with cross-attention at several levels) at toy size."""
+    unet = UNetConfig(sample_size=8, block_out_channels=[32, 32, 64, 64], attention_head_dim=[2, 2, 4, 4],
+                      cross_attention_dim=64, norm_num_groups=8, layers_per_block=1)
+    return ModelConfig(unet=unet, encoder=EncoderConfig.tiny(), vae_block_out_channels=[32, 32, 32, 32],
+                       vae_layers_per_block=1, image_size=64, allow_random_weights=True)
+
+
+class Memory:
+    """Peak memory since reset: the GPU allocator's on CUDA, the process's peak RSS elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def now_mb(self) -> float:
+        return torch.cuda.memory_allocated() / 2**20 if self.cuda else 0.0
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def random_batch(objects: int, size: int, stage: int, dim: int, device, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    az = torch.rand(objects, generator=g) * 360
+    cams = torch.tensor(np.stack([[c2w_blender(float(a) + 90 * k, 15.0, DISTANCE) for k in range(VIEWS)] for a in az]),
+                        dtype=torch.float32)
+    batch = {"target": torch.rand(objects, VIEWS, 3, size, size, generator=g) * 2 - 1, "target_cameras": cams,
+             "clip_embedding": torch.randn(objects, dim, generator=g)}
+    if stage == 2:
+        batch["reference"] = torch.rand(objects, 3, size, size, generator=g) * 2 - 1
+        batch["reference_camera"] = torch.tensor(np.stack([c2w_blender(0.0, 0.0, DISTANCE)] * objects), dtype=torch.float32)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_steps(model, opt, cfg: TrainConfig, objects: int, device, bf16: bool, steps: int) -> float:
+    """Mean seconds of one micro-batch (forward + backward) over `steps`, after one warm-up with an
+    optimizer step (so that AdamW's state is allocated when the peak is read)."""
+    batch = random_batch(objects, cfg.model.image_size, cfg.stage, cfg.model.unet.cross_attention_dim, device, objects)
+    sync = Memory(device).sync
+    times = []
+    for i in range(steps + 1):
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(batch, cfg.stage, torch.Generator().manual_seed(i), cfg.cond_dropout)
+        loss.backward()
+        sync()
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return sum(times[1:]) / max(1, steps)
+
+
+def fits(model, opt, cfg, objects, device, bf16) -> bool:
+    try:
+        train_steps(model, opt, cfg, objects, device, bf16, steps=0)
+        return True
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        opt.zero_grad(set_to_none=True)
+        Memory(device).reset()                       # hand the failed attempt's blocks back
+        return False
+
+
+def largest_batch(model, opt, cfg, start: int, device, bf16, budget_s: float, cap: int) -> dict:
+    """Doubling from the preset's batch, then bisecting between the last fit and the first failure."""
+    t0 = time.perf_counter()
+    lo, hi = 0, None
+    n = start
+    while n <= cap and time.perf_counter() - t0 < budget_s:
+        if fits(model, opt, cfg, n, device, bf16):
+            lo, n = n, n * 2
+        else:
+            hi = n
+            break
+    while hi is not None and hi - lo > max(1, lo // 8) and time.perf_counter() - t0 < budget_s:
+        mid = (lo + hi) // 2
+        if fits(model, opt, cfg, mid, device, bf16):
+            lo = mid
+        else:
+            hi = mid
+    return {"largest_objects_that_fit": lo, "smallest_that_failed": hi,
+            "note": None if hi is not None else f"search stopped (cap {cap} or {budget_s:.0f} s budget): at least {lo}",
+            "search_s": round(time.perf_counter() - t0, 1)}
+
+
+def bench_training(model_cfg: ModelConfig, device, bf16: bool, reduced: bool, steps: int) -> dict:
+    out = {}
+    mem = Memory(device)
+    for stage in (1, 2):
+        cfg = TrainConfig.sd21(stage)
+        cfg.model = model_cfg
+        if reduced:
+            cfg.batch_size = 2
+        torch.manual_seed(0)
+        model = MultiViewModel(model_cfg).to(device)
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()
+        opt = torch.optim.AdamW([p for p in model.unet.parameters() if p.requires_grad], lr=cfg.lr)
+        mem.reset()
+        micro_s = train_steps(model, opt, cfg, cfg.batch_size, device, bf16, steps)
+        peak = mem.peak_mb()
+        mem.sync()
+        t = time.perf_counter()
+        opt.step()
+        mem.sync()
+        opt_s = time.perf_counter() - t
+        row = {"objects_per_micro_batch": cfg.batch_size, "views_per_object": VIEWS + (stage == 2),
+               "grad_accum": cfg.grad_accum, "seconds_per_micro_batch": round(micro_s, 4),
+               "seconds_per_optimizer_step": round(cfg.grad_accum * micro_s + opt_s, 4),
+               "images_per_second": round(cfg.batch_size * VIEWS / micro_s, 1), "peak_memory_mb": round(peak)}
+        cap = 4 if reduced else 1024
+        row.update(largest_batch(model, opt, cfg, cfg.batch_size, device, bf16, SEARCH_BUDGET_S, cap))
+        out[f"stage{stage}"] = row
+        del model, opt
+    return out
+
+
+@torch.no_grad()
+def bench_sampling(model: MultiViewModel, device, steps: int) -> dict:
+    c2w = torch.tensor(np.stack([c2w_blender(az, 15.0, DISTANCE) for az in (0, 90, 180, 270)]), dtype=torch.float32)
+    emb = torch.randn(model.cfg.unet.cross_attention_dim)
+    out = {}
+    for name, bf16 in (("fp32", False), ("bf16_autocast", device.type == "cuda")):
+        Memory(device).reset()
+        model.sample(emb, c2w, 2, 10.0, torch.Generator().manual_seed(0))             # warm-up
+        Memory(device).sync()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            views = model.sample(emb, c2w, steps, 10.0, torch.Generator().manual_seed(0))
+        Memory(device).sync()
+        out[name] = {"ddim_steps": steps, "guidance": 10.0, "views": int(views.shape[0]),
+                     "seconds": round(time.perf_counter() - t, 3), "peak_memory_mb": round(Memory(device).peak_mb())}
+    return out
+
+
+def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps: int, reduced: bool, marcher: str) -> dict:
+    mem = Memory(device)
+    out = {}
+    for size in sizes:
+        for phase in ("albedo", "shaded"):
+            cfg = GenerateConfig.tiny() if reduced else GenerateConfig.sd21()
+            cfg.resolutions, cfg.resolution_milestones = [size], []
+            cfg.march.marcher = marcher
+            first = 0 if phase == "albedo" else cfg.shading_start    # the shading draw follows the step
+            guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance, autocast=bf16)
+            key = f"{size}px_{phase}"
+            try:
+                nerf, grid, opt = build_field(cfg, device)
+                sds_step(cfg, nerf, grid, opt, guide, first)                       # warm-up, fills the grid
+                mem.reset()
+                base = mem.now_mb()
+                samples, t = 0, time.perf_counter()
+                modes = []
+                for step in range(first + 1, first + 1 + steps):
+                    parts = sds_step(cfg, nerf, grid, opt, guide, step)
+                    samples += parts["samples"]
+                    modes.append(parts["mode"])
+                mem.sync()
+                s = (time.perf_counter() - t) / steps
+                peak = mem.peak_mb()
+                out[key] = {"rays_per_step": cfg.views * size * size, "samples_per_ray": cfg.march.samples_per_ray,
+                            "marcher": marcher, "hash_grid": nerf.encoding.__class__.__name__,
+                            "steps_per_s": round(1 / s, 3), "seconds_per_step": round(s, 4),
+                            "field_samples_per_step": samples // steps, "modes": modes,
+                            "peak_memory_mb": round(peak),
+                            "bytes_per_sample": round((peak - base) * 2**20 / max(1, samples // steps))
+                            if mem.cuda else None}
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                out[key] = {"rays_per_step": cfg.views * size * size, "out_of_memory": str(e).splitlines()[0][:300]}
+            finally:
+                nerf = grid = opt = None
+                mem.reset()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reduced", action="store_true", help="toy sizes of the same code (any device; for tests)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--marcher", default="torch", choices=["torch", "nerfacc", "auto"],
+                   help="3D stage: torch (default: pure torch, nothing to compile) or nerfacc (CUDA; compiles its "
+                        "extension on first use unless a prebuilt nerfacc is installed)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON file (default: bench/results/gpu-<gpu name>.json on a GPU, none on a CPU)")
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and not args.reduced:
+        sys.exit("bench/gpu.py: no GPU here; the full sizes need one (use --reduced for the same code at toy size)")
+    t0 = time.time()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model_cfg = reduced_model() if args.reduced else ModelConfig.sd21()
+    model_cfg.allow_random_weights = True
+    result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "reduced": args.reduced,
+              "bf16": bf16, "date": time.strftime("%Y-%m-%d"), "weights": "random"}
+    if device.type == "cuda":
+        result["gpu_memory_mb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**20)
+    steps = 2 if args.reduced else 5
+    result["training"] = bench_training(model_cfg, device, bf16, args.reduced, steps)
+    print(json.dumps({"training": result["training"]}), flush=True)
+    torch.manual_seed(0)
+    model = MultiViewModel(model_cfg).to(device).eval().requires_grad_(False)
+    result["sampling"] = bench_sampling(model, device, 5 if args.reduced else 50)
+    print(json.dumps({"sampling": result["sampling"]}), flush=True)
+    sizes = [16, 32] if args.reduced else [64, 256]
+    result["generate_3d"] = bench_3d(model, device, bf16, sizes, 2 if args.reduced else 3, args.reduced, args.marcher)
+    result["seconds_total"] = round(time.time() - t0, 1)
+    if time.time() - t0 > TIME_BUDGET_S:
+        result["warning"] = f"took {time.time() - t0:.0f} s, over the {TIME_BUDGET_S} s budget"
+    text = json.dumps(result, indent=1)
+    print(text)
+    out = args.out
+    if out is None and device.type == "cuda":
+        out = Path(__file__).parent / "results" / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
