@@ -11,6 +11,7 @@
 3. The 3D stage at the paper's settings (GenerateConfig.sd21: hash grid 16 levels x 2^19, 512 samples
    per ray, 4 views) at 64 and 256 px, albedo and shaded phases: steps/s, field samples per step, peak
    memory and the bytes per field sample that peak implies. An out-of-memory is a result, recorded.
+   The field is the initial blob throughout (learning rate 0, every step's work still done).
 """
 from __future__ import annotations
 
@@ -156,7 +157,6 @@ def bench_training(model_cfg: ModelConfig, device, bf16: bool, reduced: bool, st
             cfg.batch_size = 2
         torch.manual_seed(0)
         model = MultiViewModel(model_cfg).to(device)
-        model.unet.enable_gradient_checkpointing()
         model.unet.train()
         opt = torch.optim.AdamW([p for p in model.unet.parameters() if p.requires_grad], lr=cfg.lr)
         mem.reset()
@@ -167,7 +167,7 @@ def bench_training(model_cfg: ModelConfig, device, bf16: bool, reduced: bool, st
         opt.step()
         mem.sync()
         opt_s = time.perf_counter() - t
-        row = {"objects_per_micro_batch": cfg.batch_size, "views_per_object": VIEWS + (stage == 2),
+        row = {"objects_per_micro_batch": cfg.batch_size, "gradient_checkpointing": model_cfg.unet.gradient_checkpointing, "views_per_object": VIEWS + (stage == 2),
                "grad_accum": cfg.grad_accum, "seconds_per_micro_batch": round(micro_s, 4),
                "seconds_per_optimizer_step": round(cfg.grad_accum * micro_s + opt_s, 4),
                "images_per_second": round(cfg.batch_size * VIEWS / micro_s, 1), "peak_memory_mb": round(peak)}
@@ -209,6 +209,8 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
             key = f"{size}px_{phase}"
             try:
                 nerf, grid, opt = build_field(cfg, device)
+                for group in opt.param_groups:   # the field stays the initial blob: random weights would move it
+                    group["lr"] = 0.0            # anywhere (to nothing, at 0 samples), and sample counts would not compare
                 sds_step(cfg, nerf, grid, opt, guide, first)                       # warm-up, fills the grid
                 mem.reset()
                 base = mem.now_mb()

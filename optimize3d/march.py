@@ -39,10 +39,15 @@ class MarchConfig:
     """auto | nerfacc (CUDA) | torch (any device)."""
     chunk: int = 1 << 18
     """Samples evaluated at once (bounds memory)."""
+    recompute: bool = True
+    """With gradients, keep only each chunk's inputs and outputs and evaluate the field again in the
+    backward pass (activation checkpointing): the paper's 4 x 256 x 256 rays need it on an 80 GB GPU
+    (bench/results/gpu-*.json: 11.4 KB per sample without it). Costs one more forward of the field."""
 
     @staticmethod
     def tiny() -> "MarchConfig":
-        return MarchConfig(samples_per_ray=64, grid_resolution=32, grid_update_every=8)
+        # recompute off: a 32 px step fits in memory anyway, and on a CPU the second forward costs ~30%
+        return MarchConfig(samples_per_ray=64, grid_resolution=32, grid_update_every=8, recompute=False)
 
 
 def camera_rays(c2w_gl: torch.Tensor, fov_deg: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +112,22 @@ def resolve_marcher(cfg: MarchConfig, device: torch.device) -> str:
 SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def evaluate(sample_fn: SampleFn, x: torch.Tensor, d: torch.Tensor, ray_index: torch.Tensor,
+             chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_fn over the samples `chunk` at a time (each chunk is one unit of recomputation)."""
+    sig_parts, val_parts = [], []
+    for s in range(0, x.shape[0], chunk):
+        sig, val = sample_fn(x[s:s + chunk], d[s:s + chunk], ray_index[s:s + chunk])
+        sig_parts.append(sig)
+        val_parts.append(val)
+    if val_parts:
+        return torch.cat(sig_parts), torch.cat(val_parts)
+    # nothing to evaluate: probe the sample function once for the width of its values
+    sig, val = sample_fn(torch.zeros(1, 3, device=x.device), torch.zeros(1, 3, device=x.device),
+                         torch.zeros(1, dtype=torch.long, device=x.device))
+    return sig[:0], val[:0]
+
+
 def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float, cfg: MarchConfig,
           grid: Optional[nerfacc.OccGridEstimator] = None, stratified: bool = False,
           generator: Optional[torch.Generator] = None) -> dict:
@@ -129,7 +150,7 @@ def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radiu
                                                       render_step_size=dt, stratified=stratified,
                                                       alpha_thre=cfg.alpha_threshold)
         x = rays_o[ray_indices] + rays_d[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
-        sigma, values = sample_fn(x, rays_d[ray_indices], ray_indices)
+        sigma, values = evaluate(sample_fn, x, rays_d[ray_indices], ray_indices, cfg.chunk)
         weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma, ray_indices=ray_indices, n_rays=n_rays)
         acc = lambda v: nerfacc.accumulate_along_rays(weights, v, ray_indices=ray_indices, n_rays=n_rays)  # noqa: E731
         return {"values": acc(values), "opacity": acc(None), "depth": acc(((t_starts + t_ends) / 2)[:, None]),
@@ -154,17 +175,7 @@ def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radiu
         keep = keep & occupied(grid, flat, radius)
     idx = keep.nonzero()[:, 0]
     ray_of = idx // n
-    sig_parts, val_parts = [], []
-    for s in range(0, idx.numel(), cfg.chunk):
-        part = idx[s:s + cfg.chunk]
-        sig, val = sample_fn(flat[part], rays_d[ray_of[s:s + cfg.chunk]], ray_of[s:s + cfg.chunk])
-        sig_parts.append(sig)
-        val_parts.append(val)
-    if val_parts:
-        sig_kept, val_kept = torch.cat(sig_parts), torch.cat(val_parts)
-    else:  # nothing occupied: probe the sample function once for the width of its values
-        sig_kept, val_kept = sample_fn(flat[:1], rays_d[:1], torch.zeros(1, dtype=torch.long))
-        sig_kept, val_kept = sig_kept[:0], val_kept[:0]
+    sig_kept, val_kept = evaluate(sample_fn, flat[idx], rays_d[ray_of], ray_of, cfg.chunk)
     sigma = torch.zeros(n_rays * n, device=rays_o.device, dtype=sig_kept.dtype).index_put((idx,), sig_kept)
     values = torch.zeros(n_rays * n, val_kept.shape[-1], device=rays_o.device, dtype=val_kept.dtype).index_put((idx,), val_kept)
     weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma.view(n_rays, n))

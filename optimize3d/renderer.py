@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from optimize3d.march import MarchConfig, camera_rays, march
 from optimize3d.shading import shade
@@ -20,7 +21,7 @@ def render_views(field, grid, c2w_gl: torch.Tensor, fov_deg: torch.Tensor, size:
                  normals: bool = False, stratified: bool = False, generator: Optional[torch.Generator] = None,
                  ray_chunk: Optional[int] = None) -> dict:
     """lights: one point light per view [V, 3] (lambertian / textureless modes). normals=True also
-    returns the normal image and the orientation loss (finite-difference normals cost 6 density lookups
+    returns the normal image and the orientation loss (finite-difference normals cost 3 more density lookups
     per sample). ray_chunk: rays marched at once (use it without grad to bound memory)."""
     v = c2w_gl.shape[0]
     rays_o, rays_d = camera_rays(c2w_gl, fov_deg, size)
@@ -30,16 +31,21 @@ def render_views(field, grid, c2w_gl: torch.Tensor, fov_deg: torch.Tensor, size:
 
     offset = 0                      # first ray of the chunk being marched: march() numbers rays per chunk
 
-    def sample_fn(x, d, ray_index):
+    def field_values(x, d, light):  # everything per sample that the backward pass needs
         sigma, albedo = field(x)
         if need_normals:
             n = field.normals(x, sigma)
-            light = lights[(ray_index + offset) // per_view] if lights is not None else None
             parts = [shade(albedo, n, x, light, ambient, mode), n * 0.5 + 0.5,
                      ((n * d).sum(-1, keepdim=True).clamp(min=0) ** 2)]
         else:
             parts = [albedo]
         return sigma, torch.cat(parts, -1)
+
+    def sample_fn(x, d, ray_index):
+        light = lights[(ray_index + offset) // per_view] if need_normals and lights is not None else None
+        if cfg.recompute and torch.is_grad_enabled():
+            return checkpoint(field_values, x, d, light, use_reentrant=False)
+        return field_values(x, d, light)
 
     results = []
     chunk = ray_chunk or rays_o.shape[0]

@@ -113,6 +113,36 @@ def test_occupancy_grid_marching_matches_dense_sampling():
     assert march(blob, o, d, 1.0, cfg, grid=empty)["opacity"].max() == 0
 
 
+def test_recomputed_and_chunked_renders_equal_the_plain_one():
+    """Activation checkpointing (march.recompute) and ray chunks change memory, not results: the same
+    image, normals and gradient of every field parameter. With several views per chunk and one light per
+    view, a chunk must light each ray by its own view (the rays of views 2-3 sit in the second chunk)."""
+    from optimize3d.renderer import render_views
+    torch.manual_seed(0)
+    field = Field(FieldConfig.tiny())
+    with torch.no_grad():
+        field.encoding.embeddings.normal_(0, 0.5)               # a lumpy object: normals vary
+    c2w = torch.tensor(np.stack([c2w_blender(az, 20.0, 2.0) for az in (0, 90, 180, 270)]), dtype=torch.float32)
+    lights = 3 * c2w[[1, 2, 3, 0], :3, 3] / 2                   # each view lit from the side (its neighbour)
+    results = []
+    for recompute, ray_chunk, light in ((False, None, lights), (True, None, lights), (True, 2 * 12 * 12, lights),
+                                        (False, None, lights[[0, 1, 0, 1]])):
+        cfg = MarchConfig(samples_per_ray=32, marcher="torch", recompute=recompute, chunk=500)
+        field.zero_grad()
+        out = render_views(field, None, c2w, torch.full((4,), 50.0), 12, cfg, mode="lambertian", lights=light,
+                           ambient=0.2, normals=True, ray_chunk=ray_chunk)
+        (out["rgb"].square().sum() + out["orientation"]).backward()
+        results.append((out["rgb"].detach(), out["normal"].detach(),
+                        [p.grad.clone() for p in field.parameters()]))
+    plain, wrong_lights = results[0], results[3]
+    for rgb, normal, grads in results[1:3]:
+        torch.testing.assert_close(rgb, plain[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(normal, plain[1], rtol=1e-5, atol=1e-6)
+        for g, g0 in zip(grads, plain[2]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-7)
+    assert (plain[0] - wrong_lights[0]).abs().max() > 0.1       # chunk-local light indices would show
+
+
 def test_nerfacc_marcher_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
         march(Blob(), torch.zeros(1, 3), torch.ones(1, 3), 1.0, MarchConfig(marcher="nerfacc"))
