@@ -211,7 +211,7 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
                 nerf, grid, opt = build_field(cfg, device)
                 for group in opt.param_groups:   # the field stays the initial blob: random weights would move it
                     group["lr"] = 0.0            # anywhere (to nothing, at 0 samples), and sample counts would not compare
-                sds_step(cfg, nerf, grid, opt, guide, first)                       # warm-up, fills the grid
+                sds_step(cfg, nerf, grid, opt, guide, 0)     # warm-up; step 0 fills every cell of the grid
                 mem.reset()
                 base = mem.now_mb()
                 samples, t = 0, time.perf_counter()
@@ -228,8 +228,8 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
                             "steps_per_s": round(1 / s, 3), "seconds_per_step": round(s, 4),
                             "field_samples_per_step": samples // steps, "modes": modes,
                             "peak_memory_mb": round(peak),
-                            "bytes_per_sample": round((peak - base) * 2**20 / max(1, samples // steps))
-                            if mem.cuda else None}
+                            "bytes_per_sample": round((peak - base) * 2**20 / (samples // steps))
+                            if mem.cuda and samples else None}
             except RuntimeError as e:
                 if not is_oom(e):
                     raise
@@ -238,6 +238,15 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
                 nerf = grid = opt = None
                 mem.reset()
     return out
+
+
+def git_commit() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main() -> None:
@@ -258,7 +267,7 @@ def main() -> None:
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     model_cfg = reduced_model() if args.reduced else ModelConfig.sd21()
     model_cfg.allow_random_weights = True
-    result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "reduced": args.reduced,
+    result = {"device": name, "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda, "reduced": args.reduced,
               "bf16": bf16, "date": time.strftime("%Y-%m-%d"), "weights": "random"}
     if device.type == "cuda":
         result["gpu_memory_mb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**20)
