@@ -1,0 +1,32 @@
+"""bench/gpu.py, the first thing to run on a GPU, runs its code at toy size on a CPU (every section)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_reduced_runs_every_section(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "bench/gpu.py", "--reduced", "--device", "cpu", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for stage in ("stage1", "stage2"):
+        row = result["training"][stage]
+        assert row["gradient_checkpointing"] is True             # the sd21 layout's default, at toy size
+        assert row["seconds_per_micro_batch"] > 0 and row["largest_objects_that_fit"] >= row["objects_per_micro_batch"]
+    assert result["training"]["stage2"]["views_per_object"] == 5  # 4 targets + the reference view
+    assert result["sampling"]["fp32"]["views"] == 4
+    for key, row in result["generate_3d"].items():
+        assert row["field_samples_per_step"] > 0, key             # the field is the blob, in view
+        assert row["steps_per_s"] > 0
+    assert set(result["generate_3d"]["32px_shaded"]["modes"]) <= {"albedo", "lambertian", "textureless"}
+
+
+def test_gpu_bench_full_size_on_a_cpu_says_so():
+    r = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("bench/gpu.py: no GPU here")
