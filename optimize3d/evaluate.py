@@ -68,14 +68,18 @@ def chamfer_distance(a: trimesh.Trimesh, b: trimesh.Trimesh, samples: int = SURF
     return float((cKDTree(pb).query(pa)[0].mean() + cKDTree(pa).query(pb)[0].mean()) / 2)
 
 
-def volume_iou(a: trimesh.Trimesh, b: trimesh.Trimesh, resolution: int = VOLUME_RESOLUTION) -> float:
+def volume_iou(a: trimesh.Trimesh, b: trimesh.Trimesh, resolution: int = VOLUME_RESOLUTION, normalise: bool = True) -> float:
     """IoU of the filled voxelisations at resolution^3 over the unit box [-0.5, 0.5]^3 (trimesh's
-    voxelisation keeps every voxel the surface touches: a little conservative, equally for both)."""
+    voxelisation keeps every voxel the surface touches: a little conservative, equally for both).
+    normalise=True: each mesh first centred and scaled into the box (unit_box), so only shape counts;
+    False: the meshes as they are (already in the box): position, orientation and size count too."""
     centres = (np.indices((resolution,) * 3).reshape(3, -1).T + 0.5) / resolution - 0.5
 
     def filled(mesh):
         return mesh.voxelized(pitch=1.0 / resolution).fill().is_filled(centres)
-    return mask_iou(filled(unit_box(a)), filled(unit_box(b)))
+    if normalise:
+        a, b = unit_box(a), unit_box(b)
+    return mask_iou(filled(a), filled(b))
 
 
 # ---------------------------------------------------------------------------- a run

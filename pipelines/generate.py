@@ -3,6 +3,7 @@
     python pipelines/generate.py --image photo.png --checkpoint runs/stage2/checkpoints/step-000100
     python pipelines/generate.py --images photos/ --checkpoint CKPT --config sd21 --output out/
     python pipelines/generate.py --image a.png --checkpoint CKPT --steps 200 export.threshold=8 nerf.hidden=64
+    python pipelines/generate.py --views OUTPUT/objects/UID    # reconstruction from posed views, no model
 
 Input: PNG, JPEG or WebP. RGBA is composited on white with its alpha; RGB is taken as already on a plain
 (ideally white) background, nothing is segmented. Only the image's CLIP embedding conditions the model.
@@ -12,6 +13,9 @@ A rerun with the same image, checkpoint and settings reuses the result; a killed
 --images runs one Ray task per image (local Ray on 127.0.0.1, or the cluster given by --address).
 --config auto picks tiny or sd21 from the checkpoint's model. Extra `key.sub=value` arguments override
 GenerateConfig fields (optimize3d/optimize.py), e.g. export.threshold=8 or export.format=obj.
+--views fits the same field, marcher, renderer and export to posed RGBA views by a photometric loss
+(optimize3d/reconstruct.py; overrides are ReconstructConfig fields, --config auto = tiny on a CPU, sd21
+on a GPU): a rendered object (render/'s layout) or any folder with a cameras.json in that layout.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from optimize3d.export import EmptyMeshError  # noqa: E402
 from optimize3d.inputs import FORMATS, InputImageError, load_input_image  # noqa: E402
 from optimize3d.optimize import GenerateConfig, generate  # noqa: E402
+from optimize3d.reconstruct import ReconstructConfig, reconstruct  # noqa: E402
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -38,11 +43,14 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="one image (PNG/JPEG/WebP; RGB = plain background assumed)")
     src.add_argument("--images", type=Path, help="a folder of images: one Ray task each")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory (finetune.py, convert_checkpoint.py; "
+    src.add_argument("--views", type=Path, help="reconstruct from posed views instead (no model): a rendered object "
+                     "folder or any folder with cameras.json + <view set>/NNN.png in render/'s layout")
+    p.add_argument("--checkpoint", type=Path, help="required with --image/--images: a checkpoint directory (finetune.py, convert_checkpoint.py; "
                    "its model configuration comes with it, model.* overrides win), a run directory (its latest checkpoint), "
                    "or an original LDM file such as isotropic3d.ckpt (converted once into $ISO3D_CACHE/converted)")
     p.add_argument("--output", type=Path, default=Path("outputs/generate"), help="default: %(default)s")
-    p.add_argument("--config", default="auto", help="auto | tiny | sd21 | PATH.yaml (GenerateConfig fields over the preset)")
+    p.add_argument("--config", default="auto", help="auto | tiny | sd21 | PATH.yaml (GenerateConfig fields over the preset; "
+                   "ReconstructConfig with --views)")
     p.add_argument("--steps", type=int, help="optimisation steps (tiny: 300, sd21: 10000)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -89,6 +97,27 @@ def resolve_config(args, model_cfg) -> GenerateConfig:
     return cfg
 
 
+def resolve_reconstruct_config(args) -> ReconstructConfig:
+    import torch
+    if any(o.startswith("model.") for o in args.overrides):
+        raise ValueError("model.* overrides: --views uses no model")
+    preset, path = args.config, None
+    if preset == "auto":
+        preset = "sd21" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "tiny"
+    if preset not in ("tiny", "sd21"):
+        path, preset = Path(preset), "tiny"
+        if not path.is_file():
+            raise ValueError(f"--config {path}: not a file (expected auto, tiny, sd21 or a YAML file)")
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_config(ReconstructConfig, path, overrides, base=getattr(ReconstructConfig, preset)())
+    cfg.validate()
+    return cfg
+
+
 def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise ValueError(f"--images {folder}: not a folder")
@@ -127,6 +156,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), *argv])
     try:
+        if args.views is not None:
+            cfg = resolve_reconstruct_config(args)
+            result = reconstruct(args.views, args.output, cfg, cmd=cmd, progress=not args.no_progress, device=args.device)
+            print(json.dumps(result, indent=1))
+            return 0
+        if args.checkpoint is None:
+            raise ValueError("--checkpoint is required with --image and --images")
         model_cfg = resolve_model(args)
         cfg = resolve_config(args, model_cfg)
         if args.image is not None:
