@@ -24,6 +24,8 @@ import nerfacc
 import torch
 import torch.nn.functional as F
 
+from common.config import stable_seed
+
 
 @dataclass
 class MarchConfig:
@@ -81,11 +83,18 @@ def step_size(radius: float, cfg: MarchConfig) -> float:
     return 2 * radius * math.sqrt(3) / cfg.samples_per_ray
 
 
-def update_grid(grid: nerfacc.OccGridEstimator, field, step: int, radius: float, cfg: MarchConfig) -> None:
+def update_grid(grid: nerfacc.OccGridEstimator, field, step: int, radius: float, cfg: MarchConfig, seed: int = 0) -> None:
+    """nerfacc's refresh every grid_update_every steps. It jitters and picks cells with torch's global random
+    state: seeded here from (seed, step), so that a resumed run refreshes its grid as an uninterrupted one."""
+    if step % cfg.grid_update_every:
+        return
     dt = step_size(radius, cfg)
     grid.train()
-    grid.update_every_n_steps(step, lambda x: field.density(x)[:, None] * dt, occ_thre=cfg.grid_threshold,
-                              n=cfg.grid_update_every)
+    device = grid.binaries.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(stable_seed(seed, step, "occupancy-grid"))
+        grid.update_every_n_steps(step, lambda x: field.density(x)[:, None] * dt, occ_thre=cfg.grid_threshold,
+                                  n=cfg.grid_update_every)
 
 
 def occupied(grid: nerfacc.OccGridEstimator, x: torch.Tensor, radius: float) -> torch.Tensor:

@@ -72,6 +72,8 @@ class ReconstructConfig:
     eps: float = 1e-15
     weight_decay: float = 0.0
     seed: int = 0
+    deterministic: bool = False
+    """torch's deterministic algorithms while fitting (GenerateConfig.deterministic)."""
     ckpt_every: int = 500
     log_every: int = 50
 
@@ -85,7 +87,7 @@ class ReconstructConfig:
         """About a minute on a CPU for 64 px views: the tiny field, 64 samples per ray."""
         return ReconstructConfig(nerf=FieldConfig.tiny(), march=MarchConfig.tiny(),
                                  export=ExportConfig(resolution=96, threshold=10.0, turntable_frames=24, turntable_size=96),
-                                 steps=400, rays_per_step=2048, ckpt_every=100, log_every=20)
+                                 steps=400, rays_per_step=2048, ckpt_every=100, log_every=20, deterministic=True)
 
     def validate(self) -> None:
         if self.steps < 1 or self.rays_per_step < 1:
@@ -195,7 +197,7 @@ def fit_step(cfg: ReconstructConfig, nerf, grid, opt, rays: tuple, step: int) ->
     """One step on rays drawn from all training pixels (every draw a function of (seed, step))."""
     rays_o, rays_d, rgb, alpha = rays
     g = torch.Generator().manual_seed(stable_seed(cfg.seed, step))
-    update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march)
+    update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march, cfg.seed)
     pick = torch.randint(0, rays_o.shape[0], (cfg.rays_per_step,), generator=g).to(rays_o.device)
     out = render_rays(nerf, grid, rays_o[pick], rays_d[pick], cfg.march, stratified=True, generator=g)
     loss_rgb = F.mse_loss(out["rgb"], rgb[pick])
@@ -284,7 +286,7 @@ def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str =
                 device: Optional[str] = None) -> dict:
     """Fit, export and evaluate (see the module docstring). Returns a summary dict."""
     from common.atomic import atomic_write_text
-    from optimize3d.optimize import build_field, export_outputs, latest_nerf, load_nerf, run_dir_name, save_nerf
+    from optimize3d.optimize import build_field, deterministic_algorithms, export_outputs, latest_nerf, load_nerf, run_dir_name, save_nerf
     cfg.validate()
     folder = Path(folder)
     cfg = dataclasses.replace(cfg, train_set=resolve_train_set(folder, cfg))
@@ -320,16 +322,17 @@ def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str =
             from tqdm import tqdm
             bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="fit", disable=not progress,
                        dynamic_ncols=True)
-            for step in bar:
-                parts = fit_step(cfg, nerf, grid, opt, rays, step)
-                done = step + 1
-                bar.set_postfix(rgb=f"{parts['rgb']:.3g}", mask=f"{parts['mask']:.3g}")
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    with open(work / "losses.jsonl", "a") as f:
-                        f.write(json.dumps(parts) + "\n")
-                    log.info("step %d %s", done, json.dumps(parts))
-                if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                    save_nerf(work / "nerf", done, nerf, grid, opt)
+            with deterministic_algorithms(cfg.deterministic):
+                for step in bar:
+                    parts = fit_step(cfg, nerf, grid, opt, rays, step)
+                    done = step + 1
+                    bar.set_postfix(rgb=f"{parts['rgb']:.3g}", mask=f"{parts['mask']:.3g}")
+                    if done % cfg.log_every == 0 or done == cfg.steps:
+                        with open(work / "losses.jsonl", "a") as f:
+                            f.write(json.dumps(parts) + "\n")
+                        log.info("step %d %s", done, json.dumps(parts))
+                    if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                        save_nerf(work / "nerf", done, nerf, grid, opt)
             save_validation(nerf, grid, views, cfg, work / "validation.png")
         info = export_outputs(nerf, grid, cfg, work)
         metrics = {"views": evaluate_sets(nerf, grid, folder, cfg)}

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 from PIL import Image
 
@@ -96,6 +97,18 @@ def test_killed_run_resumes_from_its_last_checkpoint(input_image, tiny_checkpoin
     d = tmp_path / json.loads(r.stdout)["output"].rsplit("/", 1)[1]
     assert (d / "mesh.glb").is_file() and not list(tmp_path.glob("*.partial"))
     assert "resumed from" in (d / "generate.log").read_text() and f"step {killed_at})" in (d / "generate.log").read_text()
+    # The resumed run ends with exactly the weights of an uninterrupted one (every draw is a function of
+    # (seed, step), the grid's refresh included).
+    whole = tmp_path / "uninterrupted"
+    r = subprocess.run([*args[:args.index("--output") + 1], str(whole), *args[args.index("--output") + 2:]],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from safetensors.torch import load_file
+    resumed = load_file(str(d / "nerf" / "step-000040" / "field.safetensors"))
+    uninterrupted = load_file(str(next(whole.glob("*/nerf/step-000040")) / "field.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
 
 
 def test_many_images_one_ray_task_each(input_image, tiny_checkpoint, tmp_path):
