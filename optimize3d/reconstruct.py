@@ -10,8 +10,8 @@ Input: a folder in render/'s layout: cameras.json (OpenCV camera-to-world `c2w` 
 to `train_set`; every other set is held out and only evaluated.
 Loss per step, over `rays_per_step` rays drawn from all training pixels: MSE of the colour composited on
 white + mask_weight x MSE of the opacity against the views' alpha.
-Output: <out>/<folder name>-<key>/ with config.yaml, nerf/step-N/ (resumable), validation.png (renders
-over ground truth), mesh.glb, turntable.gif, losses.jsonl, metrics.json (silhouette IoU and PSNR per
+Output: <out>/<folder name>-<key>/ with config.yaml, nerf/step-N/ (resumable), validation.png (per view
+set, the fitted one first: 4 views as given over the field's renders at their cameras), mesh.glb, turntable.gif, losses.jsonl, metrics.json (silhouette IoU and PSNR per
 view set; volume IoU against the source mesh when meta.json names a glTF source). The key hashes the
 views' bytes and every setting but `export`; the directory is built as <name>.partial/ and renamed.
 """
@@ -270,15 +270,22 @@ def exported_mesh_z_up(path: Path):
     return mesh
 
 
-def save_validation(nerf, grid, views: PosedViews, cfg: ReconstructConfig, path: Path) -> None:
-    """Renders (top) over the ground truth (bottom) at 4 of the training views."""
+def save_validation(nerf, grid, folder: Path, cfg: ReconstructConfig, path: Path, size: Optional[int] = None) -> None:
+    """For the fitted set, then each held-out set: 4 of its views as rendered (ground truth) over the
+    field's renders at the same cameras. size: the picture's view size (default: the views' own)."""
     from optimize3d.optimize import to_image
     from render.preview import grid as image_grid
-    pick = np.linspace(0, len(views.files) - 1, 4).round().astype(int).tolist()
-    sub = PosedViews(views.rgb[pick], views.alpha[pick], views.c2w_gl[pick], views.fov_deg[pick], [views.files[i] for i in pick])
-    r = render_like(nerf, grid, sub, cfg.march)
+    sets = view_sets(read_cameras(folder))
+    tiles = []
+    for name in [cfg.train_set] + [n for n in sets if n != cfg.train_set]:
+        views = load_posed_views(folder, name, size or cfg.size)
+        pick = np.linspace(0, len(views.files) - 1, 5)[:4].round().astype(int).tolist()
+        sub = PosedViews(views.rgb[pick], views.alpha[pick], views.c2w_gl[pick], views.fov_deg[pick],
+                         [views.files[i] for i in pick])
+        r = render_like(nerf, grid, sub, cfg.march)
+        tiles += [to_image(x) for x in sub.rgb] + [to_image(x) for x in r["rgb"]]
     tmp = path.with_name(f".tmp-{path.name}")
-    image_grid([to_image(x) for x in r["rgb"]] + [to_image(x) for x in sub.rgb], columns=4).save(tmp, format="PNG")
+    image_grid(tiles, columns=4).save(tmp, format="PNG")
     tmp.replace(path)
 
 
@@ -333,7 +340,7 @@ def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str =
                         log.info("step %d %s", done, json.dumps(parts))
                     if done % cfg.ckpt_every == 0 or done == cfg.steps:
                         save_nerf(work / "nerf", done, nerf, grid, opt)
-            save_validation(nerf, grid, views, cfg, work / "validation.png")
+            save_validation(nerf, grid, folder, cfg, work / "validation.png")
         info = export_outputs(nerf, grid, cfg, work)
         metrics = {"views": evaluate_sets(nerf, grid, folder, cfg)}
         truth = source_mesh(folder)
