@@ -7,6 +7,13 @@
    (albedo only; shaded with finite-difference normals), with the time split into field and guidance.
 2. Marching: dense sampling against occupancy-grid skipping at several samples per ray, each image
    compared with a dense reference at 1024 samples per ray (PSNR): speed at equal image error.
+3. Memory of the paper's field (GenerateConfig.sd21: 16-level hash grid, 512 samples per ray, normals
+   for the orientation loss) per field sample, with and without march.recompute. Method: each probe
+   runs in a fresh process; the peak RSS (VmHWM, reset just before) of one render + backward at
+   4 x S x S rays minus the RSS before it. The marginal bytes per sample between two sizes (the fixed
+   part, one chunk's activations when recomputing, cancels) extrapolate it to the paper's 4 x 256 x 256
+   rays by the sample count of that render (marched without gradients).
+4. Reconstruction (generate.py --views, tiny preset): steps/s fitting 16 views of 64 px.
 """
 from __future__ import annotations
 
@@ -105,18 +112,129 @@ def marching(device, size: int) -> list[dict]:
     return rows
 
 
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss_kb() -> int:
+    """Linux: reset the high-water mark (VmHWM) to the current RSS, which is returned (KiB)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+def peak_rss_kb() -> int:
+    return _status_kb("VmHWM")
+
+
+def memory_probe(size: int, recompute: bool) -> dict:
+    """In a fresh process (see main): one full-size render + backward at 4 x size x size rays."""
+    cfg = GenerateConfig.sd21()
+    cfg.march.marcher, cfg.march.recompute = "torch", recompute
+    nerf, grid, _ = build_field(cfg, torch.device("cpu"))
+    update_grid(grid, nerf, 0, cfg.nerf.radius, cfg.march)
+    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0))
+    before = reset_peak_rss_kb()
+    out = render_views(nerf, grid, c2w, fov, size, cfg.march, normals=True, stratified=True,
+                       generator=torch.Generator().manual_seed(0))
+    (out["rgb"].mean() + out["orientation"]).backward()
+    peak = peak_rss_kb()
+    return {"rays": 4 * size * size, "samples": out["samples"], "recompute": recompute,
+            "peak_rss_increase_mb": round((peak - before) / 1024, 1),
+            "bytes_per_sample": round((peak - before) * 1024 / max(1, out["samples"]))}
+
+
+@torch.no_grad()
+def paper_size_samples() -> int:
+    cfg = GenerateConfig.sd21()
+    cfg.march.marcher = "torch"
+    nerf, grid, _ = build_field(cfg, torch.device("cpu"))
+    update_grid(grid, nerf, 0, cfg.nerf.radius, cfg.march)
+    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0))
+    return render_views(nerf, grid, c2w, fov, 256, cfg.march, ray_chunk=1 << 13)["samples"]
+
+
+def field_memory(sizes=(32, 64)) -> dict:
+    import subprocess
+    rows = []
+    for size in sizes:
+        for recompute in (False, True):
+            r = subprocess.run([sys.executable, __file__, "--memory-probe", str(size), str(int(recompute))],
+                               capture_output=True, text=True, check=True)
+            rows.append(json.loads(r.stdout))
+    total = paper_size_samples()
+    extrapolated = {}
+    for recompute in (False, True):
+        small, large = [r for r in rows if r["recompute"] == recompute]
+        # The marginal cost per sample: the fixed part (one chunk's activations under recompute) cancels.
+        marginal = (large["peak_rss_increase_mb"] - small["peak_rss_increase_mb"]) * 2**20 / (large["samples"] - small["samples"])
+        extrapolated["recompute" if recompute else "kept"] = {
+            "marginal_bytes_per_sample": round(marginal),
+            "paper_size_gb": round((large["peak_rss_increase_mb"] * 2**20 + (total - large["samples"]) * marginal) / 2**30, 1)}
+    return {"probes": rows, "paper_size_samples_per_step": total, "paper_size_extrapolated": extrapolated}
+
+
+def reconstruction_speed(steps: int) -> dict:
+    """Fit the tiny preset to 16 views of a lumpy field rendered at 64 px (written in render/'s layout)."""
+    import tempfile
+
+    from PIL import Image
+
+    from optimize3d.reconstruct import ReconstructConfig, fit_step, load_posed_views, training_rays
+    from render.cameras import c2w_opencv, fixed_angles, intrinsics
+    torch.manual_seed(0)
+    truth = Field(FieldConfig.tiny())
+    with torch.no_grad():
+        truth.encoding.embeddings.normal_(0, 1.0)
+    angles = fixed_angles()
+    c2w = torch.tensor(np.stack([c2w_blender(az, el, DISTANCE) for az, el in angles]), dtype=torch.float32)
+    with torch.no_grad():
+        views = render_views(truth, None, c2w, torch.full((len(angles),), FOV_DEG), 64, MarchConfig.tiny())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "fixed").mkdir()
+        for i in range(len(angles)):
+            a = views["opacity"][i, 0].clamp(1e-4, 1)
+            rgb = ((views["rgb"][i] - (1 - a)) / a).clamp(0, 1)             # un-composite from white
+            rgba = torch.cat([rgb, a[None]]).permute(1, 2, 0).numpy()
+            Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(folder / "fixed" / f"{i:03d}.png")
+        (folder / "cameras.json").write_text(json.dumps({
+            "convention": "opencv", "K": intrinsics(64).tolist(), "width": 64, "height": 64,
+            "fixed": [{"azimuth_deg": az, "elevation_deg": el, "c2w": c2w_opencv(az, el, DISTANCE).tolist()} for az, el in angles]}))
+        cfg = ReconstructConfig.tiny()
+        cfg.train_set = "fixed"
+        rays = training_rays(load_posed_views(folder, "fixed"), torch.device("cpu"))
+        nerf, grid, opt = build_field(cfg, torch.device("cpu"))
+        fit_step(cfg, nerf, grid, opt, rays, 0)
+        t = time.perf_counter()
+        samples = sum(fit_step(cfg, nerf, grid, opt, rays, step)["samples"] for step in range(1, steps + 1))
+        s = (time.perf_counter() - t) / steps
+    return {"preset": "tiny", "views": len(angles), "size": 64, "rays_per_step": cfg.rays_per_step,
+            "steps_per_s": round(1 / s, 2), "field_samples_per_step": samples // steps,
+            "seconds_for_the_preset": round(cfg.steps * s, 1)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--size", type=int, default=64, help="marching benchmark: pixels of each of the 4 views")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-probe", nargs=2, type=int, metavar=("SIZE", "RECOMPUTE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_probe:                     # one measurement in a fresh process (field_memory)
+        torch.set_num_threads(args.threads)
+        print(json.dumps(memory_probe(args.memory_probe[0], bool(args.memory_probe[1]))))
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     result = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
               "torch": torch.__version__, "sds_tiny": sds_speed(device, args.steps),
               "marching": marching(device, args.size),
+              "field_memory_cpu": field_memory() if device.type == "cpu" else None,
+              "reconstruction": reconstruction_speed(args.steps * 3) if device.type == "cpu" else None,
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     print(json.dumps(result, indent=1))
 

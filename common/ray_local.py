@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -18,6 +19,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     # and joins 127.0.0.1 swaps in the eth0 address and never connects).
     if not address or _is_loopback(address):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if not address and "ray" not in sys.modules:
+        # Ray 2.60 turns token authentication on for a new local cluster and warns on every run that it
+        # did, unless the mode is set explicitly: set it (token, the secure default, kept), before Ray
+        # reads its configuration at import.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():

@@ -97,7 +97,10 @@ class BranchBatchSampler(Sampler):
             branch = "single" if rng.random() < self.p else "multi"
             start = (b * self.world_size + self.rank) * self.batch_size
             idx = [int(order[(start + k) % self.n]) for k in range(self.batch_size)]
-            yield [(i, branch, int(rng.integers(2**62)) + k) for k, i in enumerate(idx)]
+            base = int(rng.integers(2**62))
+            # Seeds by position in the global batch: each rank's k-th object draws its own views, and
+            # N ranks x batch b draw exactly what 1 rank x batch N*b draws.
+            yield [(i, branch, base + self.rank * self.batch_size + k) for k, i in enumerate(idx)]
 
 
 def collate(samples: list[dict]) -> dict:

@@ -55,7 +55,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--address", help="--images: Ray cluster (default: a local Ray on 127.0.0.1)")
-    p.add_argument("--gpus-per-task", type=float, default=0.0, help="--images: GPUs per image task")
+    p.add_argument("--gpus-per-task", type=float, default=None,
+                   help="--images: GPUs per image task (default: 1 when the Ray cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="--images: CPUs per image task")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value: GenerateConfig fields, or model.* (ModelConfig fields "
@@ -118,6 +119,16 @@ def resolve_reconstruct_config(args) -> ReconstructConfig:
     return cfg
 
 
+def warn_if_full_size_on_cpu(args, model_cfg, cfg) -> None:
+    """One line before the work starts: a full-size run on a CPU takes days, not minutes."""
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.image is not None and device == "cpu" and (model_cfg.latent == "vae" or max(cfg.resolutions) > 64):
+        print(f"generate.py: note: the full-size path ({model_cfg.latent} latents, {cfg.steps} steps up to "
+              f"{max(cfg.resolutions)} px) on a CPU: at the paper's settings expect days (an H100 does 0.2-3 steps/s, "
+              f"bench/results/gpu-*.json)", file=sys.stderr)
+
+
 def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise ValueError(f"--images {folder}: not a folder")
@@ -131,8 +142,11 @@ def run_many(images, args, cfg, cmd) -> list[dict]:
     from common.ray_local import init_ray
     init_ray(args.address)
     import ray
+    gpus = args.gpus_per_task
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
-    @ray.remote(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=0)
+    @ray.remote(num_cpus=args.cpus_per_task, num_gpus=gpus, max_retries=0)
     def one(image: str) -> dict:
         try:
             return generate(Path(image), args.checkpoint.resolve(), args.output.resolve(), cfg, cmd=cmd, progress=False,
@@ -165,6 +179,7 @@ def main(argv=None) -> int:
             raise ValueError("--checkpoint is required with --image and --images")
         model_cfg = resolve_model(args)
         cfg = resolve_config(args, model_cfg)
+        warn_if_full_size_on_cpu(args, model_cfg, cfg)
         if args.image is not None:
             load_input_image(args.image)          # a bad image fails before any model is loaded
             results = [generate(args.image, args.checkpoint, args.output, cfg, cmd=cmd,

@@ -305,6 +305,7 @@ def test_converted_directory_brings_vae_encoder_and_featurisation_to_finetune_an
                             "export.turntable_size=16"], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(r.stdout)["status"] == "ok"
+        assert r.stderr.count("generate.py: note: the full-size path (vae latents") == 1     # said once, up front
     finally:
         sys.path.remove(str(ROOT / "pipelines"))
 

@@ -89,6 +89,11 @@ def test_batches_hold_one_branch_and_30_percent_are_single():
     assert [x[0][1] for x in a] == [x[0][1] for x in b]                  # ranks agree on the branch
     assert not {i for batch in a for i, _, _ in batch} & {i for batch in b for i, _, _ in batch}
     assert list(BranchBatchSampler(100, 4, seed=1)) == list(BranchBatchSampler(100, 4, seed=1))
+    # Each rank's k-th object draws its own views (its own seed), and 2 ranks x batch 4 draw exactly the
+    # samples of 1 rank x batch 8: the same objects, branches and seeds, rank 0's half first.
+    assert all(sa != sb for x, y in zip(a, b) for (_, _, sa), (_, _, sb) in zip(x, y))
+    whole = list(BranchBatchSampler(100, 8, seed=1))
+    assert whole == [x + y for x, y in zip(a, b)]
 
 
 def test_embeddings_cached_by_content_and_encoder(rendered_demo, render_copy, tmp_path):

@@ -93,23 +93,27 @@ def test_reconstruction_outputs_and_cache(reconstructed, rendered_shapes, tmp_pa
 
 
 def test_guidance_embeds_a_rendered_view_as_training_does(rendered_shapes):
-    """The 3D stage hands the model the cameras of what it renders; dataset/ hands it, in training, the
-    cameras of the rendered views. For the same view both must give the same features (both conventions)."""
+    """dataset/ gives the model, in training, each target view's camera relative to the reference view's
+    azimuth; the 3D stage gives it the cameras it renders from, in the frame where the input (reference)
+    view is azimuth 0. The same rendered view, taken both ways (its cameras.json matrix, turned by minus
+    the reference's azimuth, through the 3D stage's conversion), must get the same features."""
     import torch
+    from dataset.samples import MultiViewDataset, SampleConfig
     from dataset.views import RenderedObject
     from model.mvmodel import ModelConfig, MultiViewModel
     from optimize3d.reconstruct import load_posed_views
-    from render.cameras import c2w_blender
     folder = rendered_shapes["box"]
     obj = RenderedObject.open(folder)
-    views = load_posed_views(folder, "random")                           # cameras.json's OpenCV c2w, as stored
+    ds = MultiViewDataset([obj], None, SampleConfig(image_size=64))
+    stored = {s: load_posed_views(folder, s).c2w_gl for s in ("fixed", "random")}    # as the 3D stage reads them
     for featurization in ("mvdream", "isotropic3d-double-radians"):
         model = MultiViewModel(dataclasses.replace(ModelConfig.tiny(), camera_featurization=featurization))
-        for i in (0, 5, 11):
-            az, el = obj.angles("random", i)
-            training = torch.tensor(c2w_blender(az, el, obj.cameras["random"][i]["distance"]), dtype=torch.float32)
-            torch.testing.assert_close(model.cameras(views.c2w_gl[i:i + 1]), model.cameras(training[None]),
-                                       atol=1e-5, rtol=1e-5)
+        for seed in (0, 1, 2):
+            sample = ds[(0, "multi", seed)]
+            ref_az, _ = obj.angles("random", sample["reference_view"])
+            turn = torch.tensor(T.rotation_matrix(math.radians(-ref_az), [0, 0, 1]), dtype=torch.float32)
+            seen = torch.stack([turn @ stored[s][i] for s, i in sample["target_views"]])
+            torch.testing.assert_close(model.cameras(seen), model.cameras(sample["target_cameras"]), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("damage, message", [
