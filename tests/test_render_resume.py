@@ -61,6 +61,7 @@ def test_kill_mid_shard_then_rerun(tmp_path):
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "Token authentication" not in rerun.stderr          # the local Ray's auth mode is set, not defaulted
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["skipped"] == len(done_before) and summary["ok"] == 6 - len(done_before)
     assert len(complete_objects(out)) == 6
