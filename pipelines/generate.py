@@ -80,43 +80,40 @@ def resolve_model(args):
     return model_cfg
 
 
-def resolve_config(args, model_cfg) -> GenerateConfig:
-    preset, path = args.config, None
-    if preset == "auto":
-        preset = "tiny" if model_cfg.latent == "pixel" else "sd21"
+def load_preset(cls, preset: str, args, overrides: list[str]):
+    """cls's preset (tiny | sd21), or a YAML file over tiny; then the overrides, --steps and --seed."""
+    path = None
     if preset not in ("tiny", "sd21"):
         path, preset = Path(preset), "tiny"
         if not path.is_file():
             raise ValueError(f"--config {path}: not a file (expected auto, tiny, sd21 or a YAML file)")
-    overrides = [o for o in args.overrides if not o.startswith("model.")]
+    overrides = list(overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    cfg = load_config(GenerateConfig, path, overrides, base=getattr(GenerateConfig, preset)())
+    cfg = load_config(cls, path, overrides, base=getattr(cls, preset)())
     cfg.validate()
     return cfg
+
+
+def resolve_config(args, model_cfg) -> GenerateConfig:
+    """--config auto: the tiny preset for a pixel-space model, sd21 for a VAE-latent one."""
+    preset = args.config
+    if preset == "auto":
+        preset = "tiny" if model_cfg.latent == "pixel" else "sd21"
+    return load_preset(GenerateConfig, preset, args, [o for o in args.overrides if not o.startswith("model.")])
 
 
 def resolve_reconstruct_config(args) -> ReconstructConfig:
+    """--config auto: sd21 (the paper's field) on a GPU, tiny on a CPU."""
     import torch
     if any(o.startswith("model.") for o in args.overrides):
         raise ValueError("model.* overrides: --views uses no model")
-    preset, path = args.config, None
+    preset = args.config
     if preset == "auto":
         preset = "sd21" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "tiny"
-    if preset not in ("tiny", "sd21"):
-        path, preset = Path(preset), "tiny"
-        if not path.is_file():
-            raise ValueError(f"--config {path}: not a file (expected auto, tiny, sd21 or a YAML file)")
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = load_config(ReconstructConfig, path, overrides, base=getattr(ReconstructConfig, preset)())
-    cfg.validate()
-    return cfg
+    return load_preset(ReconstructConfig, preset, args, args.overrides)
 
 
 def warn_if_full_size_on_cpu(args, model_cfg, cfg) -> None:
