@@ -64,6 +64,7 @@ class MultiViewDataset(Dataset):
         sample = {
             "uid": obj.uid,
             "branch": branch,
+            "seed": seed,
             "reference_view": ref,
             "target_views": targets,
             "target": torch.stack([obj.image(s, i, size) for s, i in targets]),
@@ -104,7 +105,7 @@ class BranchBatchSampler(Sampler):
 
 
 def collate(samples: list[dict]) -> dict:
-    out = {"uid": [s["uid"] for s in samples], "branch": samples[0]["branch"]}
+    out = {"uid": [s["uid"] for s in samples], "branch": samples[0]["branch"], "seed": [s["seed"] for s in samples]}
     for key in ("target", "target_cameras", "reference", "reference_camera", "clip_embedding"):
         if key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples])

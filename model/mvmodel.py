@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
+from common.config import stable_seed
 from model.encoder import INFERENCES, EncoderConfig
 from model.unet import UNetConfig, build_unet, camera_features, multiview_forward
 
@@ -204,13 +205,18 @@ class MultiViewModel(torch.nn.Module):
         b, v = target.shape[:2]
         device = target.device
         x0 = self.encode(target.flatten(0, 1)).unflatten(0, (b, v))
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(device)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=generator, device="cpu").to(device)
+        # Each object draws its noise, timestep and condition dropout from its own generator, seeded by
+        # its sample seed (batch["seed"], from the sampler) or else drawn from `generator`: an object's
+        # draws do not depend on which rank or batch it lands in (N ranks x b = 1 rank x N*b).
+        seeds = batch.get("seed") or torch.randint(0, 2**62, (b,), generator=generator).tolist()
+        gens = [torch.Generator().manual_seed(stable_seed(int(s), "diffusion")) for s in seeds]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        t = torch.cat([torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g) for g in gens]).to(device)
         xt = self.schedule.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t.repeat_interleave(v)).unflatten(0, (b, v))
         cams = self.cameras(batch["target_cameras"].flatten(0, 1)).unflatten(0, (b, v))
         tt = t[:, None].expand(b, v)
         emb = batch["clip_embedding"]
-        keep = (torch.rand(b, generator=generator) >= cond_dropout).to(device, emb.dtype)
+        keep = (torch.cat([torch.rand(1, generator=g) for g in gens]) >= cond_dropout).to(device, emb.dtype)
         emb = emb * keep[:, None]                                 # dropped condition = the zero embedding
         if stage == 2:
             ref = self.encode(batch["reference"])[:, None]
