@@ -9,6 +9,7 @@ never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -180,9 +181,12 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
             m = step * cfg.grad_accum + micro
             g = torch.Generator().manual_seed(stable_seed(cfg.seed, m, rank))
             batch = _to(batches.get(m), device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = net(batch, cfg.stage, g, cfg.cond_dropout) / cfg.grad_accum
-            loss.backward()
+            # DDP all-reduces at every backward unless told not to: once per optimizer step is enough.
+            last = micro == cfg.grad_accum - 1
+            with (net.no_sync() if not last and hasattr(net, "no_sync") else contextlib.nullcontext()):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = net(batch, cfg.stage, g, cfg.cond_dropout) / cfg.grad_accum
+                loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()

@@ -110,11 +110,12 @@ def test_two_ranks_gradients_average_to_the_double_batch_gradient(two_objects):
 
 
 def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_local, two_objects, tmp_path):
-    """Ray Train, 2 DDP workers (gloo) x 1 object per step against this process x 2 objects per step,
-    3 steps. AdamW turns float-rounding differences of near-zero gradients into steps of lr size, so the
-    weights agree to 2% of how far training moved them (measured: at most 5.9e-5 of 6.0e-3, median 1e-7);
+    """Ray Train, 2 DDP workers (gloo) x 1 object per micro-batch against this process x 2, 3 steps of
+    2 accumulated micro-batches (DDP all-reduces only at the second: no_sync). AdamW turns float-rounding
+    differences of near-zero gradients into steps of lr size, so the weights agree to 2% of how far
+    training moved them (measured without accumulation: at most 5.9e-5 of 6.0e-3, median 1e-7);
     different samples or draws would differ by about the movement itself."""
-    cfg = dict(max_steps=3, ckpt_every=3, val_every=10_000, sample_steps=2, warmup_steps=1)
+    cfg = dict(max_steps=3, ckpt_every=3, val_every=10_000, sample_steps=2, warmup_steps=1, grad_accum=2)
     train(tiny(1, batch_size=2, **cfg), two_objects, tmp_path / "one")
     train(tiny(1, batch_size=1, **cfg), two_objects, tmp_path / "two", num_workers=2)
     weights = "checkpoints/step-000003/unet/diffusion_pytorch_model.safetensors"
