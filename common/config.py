@@ -49,6 +49,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         raise ConfigError(f"configuration of {cls.__name__}{f', key {key}' if key else ''}: {msg}") from None
 
 
+def from_dict(cls: type[T], data: dict, what: str = "") -> T:
+    """A dataclass from a plain dict (a saved config.json, dataclasses.asdict): unknown keys and wrong
+    types are a one-line ConfigError naming `what`."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{what or cls.__name__}: {str(e).splitlines()[0]}") from None
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     from common.atomic import atomic_write_text
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -136,14 +136,14 @@ def model_config(path: Path, overrides=()):
     """The ModelConfig a checkpoint directory brings (its config.json; relative weight paths resolved
     against the directory; its own vae/ and encoder.safetensors when the config names none), then
     `key=value` overrides of ModelConfig fields (they win)."""
-    from common.config import load_config
+    from common.config import from_dict, load_config
     from model.mvmodel import ModelConfig
     path = Path(path)
     try:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"checkpoint {path}: config.json unreadable ({type(e).__name__})") from None
-    cfg = _structured(saved)
+    cfg = from_dict(ModelConfig, saved, "checkpoint config.json")
     if cfg.vae_path is None and cfg.latent == "vae" and (path / "vae" / "config.json").is_file():
         cfg.vae_path = "vae"
     if cfg.encoder.weights is None and (path / "encoder.safetensors").is_file():
@@ -153,17 +153,6 @@ def model_config(path: Path, overrides=()):
     if cfg.encoder.weights is not None:
         cfg.encoder.weights = str((path / cfg.encoder.weights).resolve())
     return load_config(ModelConfig, None, list(overrides), base=cfg) if overrides else cfg
-
-
-def _structured(saved: dict):
-    from omegaconf import OmegaConf
-
-    from common.config import ConfigError
-    from model.mvmodel import ModelConfig
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
-    except Exception as e:  # noqa: BLE001 - omegaconf's errors come in many types
-        raise ConfigError(f"checkpoint config.json: {str(e).splitlines()[0]}") from None
 
 
 def load_model(path: Path, model_cfg=None):

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from common.config import stable_seed
+from common.config import from_dict, stable_seed
 from dataset.embeddings import EmbeddingStore
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
 from dataset.views import scan
@@ -98,11 +98,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def from_dict(d: dict) -> TrainConfig:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), d))
-
-
 def prepare_embeddings(cfg: TrainConfig, data_dir: Path, objects) -> EmbeddingStore:
     """CLIP embeddings of every reference view, computed once (cached beside the renders)."""
     encoder = ImageEncoder(cfg.model.encoder, cfg.model.inference)
@@ -134,7 +129,7 @@ def _to(batch: dict, device) -> dict:
 
 def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str], resume: Optional[str],
                  rank: int = 0, world: int = 1, ray_train: bool = False, progress: bool = True) -> dict:
-    cfg = from_dict(cfg_dict)
+    cfg = from_dict(TrainConfig, cfg_dict)
     run = Path(run_dir)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)   # identical initial weights on every rank
