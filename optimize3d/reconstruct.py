@@ -1,6 +1,6 @@
 """Reconstruction: the 3D stage's field, marcher, renderer and export fitted to posed views by a
 photometric loss instead of score distillation. It proves the machinery (cameras, axes, export
-orientation) against ground truth, and turns any posed views (the model's own samples too) into a mesh.
+orientation) against ground truth, and turns any posed RGBA views into a mesh.
 
     python pipelines/generate.py --views OUTPUT/objects/<uid>       # a rendered object: fits its random views
     result = reconstruct(Path(views_dir), Path("outputs/reconstruct"), ReconstructConfig.tiny())
@@ -11,8 +11,9 @@ to `train_set`; every other set is held out and only evaluated.
 Loss per step, over `rays_per_step` rays drawn from all training pixels: MSE of the colour composited on
 white + mask_weight x MSE of the opacity against the views' alpha.
 Output: <out>/<folder name>-<key>/ with config.yaml, nerf/step-N/ (resumable), validation.png (per view
-set, the fitted one first: 4 views as given over the field's renders at their cameras), mesh.glb, turntable.gif, losses.jsonl, metrics.json (silhouette IoU and PSNR per
-view set; volume IoU against the source mesh when meta.json names a glTF source). The key hashes the
+set, the fitted one first: 4 views as given over the field's renders at their cameras), mesh.glb,
+turntable.gif, losses.jsonl, metrics.json (silhouette IoU and PSNR per view set; volume IoU against the
+source mesh when meta.json names a glTF source). The key hashes the
 views' bytes and every setting but `export`; the directory is built as <name>.partial/ and renamed.
 """
 from __future__ import annotations
@@ -154,11 +155,15 @@ def load_posed_views(folder: Path, view_set: str, size: Optional[int] = None) ->
         png = folder / view_set / f"{i:03d}.png"
         try:
             with Image.open(png) as img:
+                has_alpha = "A" in img.getbands() or "transparency" in img.info
                 img = img.convert("RGBA")
         except FileNotFoundError:
             raise PosedViewsError(f"--views {folder}: missing {view_set}/{png.name}") from None
         except Exception as e:
             raise PosedViewsError(f"--views {folder}: {view_set}/{png.name} unreadable ({type(e).__name__})") from None
+        if not has_alpha:
+            raise PosedViewsError(f"--views {folder}: {view_set}/{png.name} has no alpha channel (the views must be "
+                                  f"RGBA: alpha is the object's silhouette)")
         if img.size != (stored, stored):
             raise PosedViewsError(f"--views {folder}: {view_set}/{png.name} is {img.size[0]}x{img.size[1]}, "
                                   f"cameras.json says {stored}x{stored}")
@@ -166,7 +171,10 @@ def load_posed_views(folder: Path, view_set: str, size: Optional[int] = None) ->
             img = img.resize((size, size), Image.Resampling.LANCZOS)       # straight alpha, before compositing
         rgb.append(np.asarray(on_white(img), np.float32) / 255.0)
         alpha.append(np.asarray(img, np.float32)[..., 3:] / 255.0)
-        m = np.asarray(view["c2w"], np.float64)
+        try:
+            m = np.asarray(view["c2w"], np.float64)
+        except (KeyError, TypeError, ValueError):
+            m = np.zeros(0)
         if m.shape != (4, 4) or not np.isfinite(m).all():
             raise PosedViewsError(f"{folder / 'cameras.json'}: {view_set}[{i}].c2w is not a finite 4x4 matrix")
         c2w.append(m @ BLENDER_TO_OPENCV)                                 # OpenCV -> OpenGL (its own inverse)

@@ -121,6 +121,8 @@ def test_guidance_embeds_a_rendered_view_as_training_does(rendered_shapes):
     ("missing-view", "missing random/003.png"),
     ("bad-K", "principal point"),
     ("no-such-set", "no view set 'side'"),
+    ("rgb-view", "random/002.png has no alpha channel"),
+    ("bad-c2w", "random[4].c2w is not a finite 4x4 matrix"),
 ])
 def test_bad_views_are_one_line_errors_before_any_output(rendered_shapes, tmp_path, damage, message):
     import shutil
@@ -134,6 +136,13 @@ def test_bad_views_are_one_line_errors_before_any_output(rendered_shapes, tmp_pa
     elif damage == "bad-K":
         cams = json.loads((folder / "cameras.json").read_text())
         cams["K"][0][2] += 5
+        (folder / "cameras.json").write_text(json.dumps(cams))
+    elif damage == "rgb-view":
+        from PIL import Image
+        Image.open(folder / "random" / "002.png").convert("RGB").save(folder / "random" / "002.png")
+    elif damage == "bad-c2w":
+        cams = json.loads((folder / "cameras.json").read_text())
+        del cams["random"][4]["c2w"]
         (folder / "cameras.json").write_text(json.dumps(cams))
     else:
         extra = ["train_set=side"]
