@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import re
 import resource
@@ -35,7 +34,7 @@ from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
 from model.unet import UNetConfig  # noqa: E402
 from optimize3d.guidance import MultiViewGuidance  # noqa: E402
-from optimize3d.optimize import GenerateConfig, build_field, sds_step  # noqa: E402
+from optimize3d.optimize import GenerateConfig, build_field, resolve_device, sds_step  # noqa: E402
 from render.cameras import DISTANCE, c2w_blender  # noqa: E402
 
 VIEWS = 4
@@ -259,7 +258,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: bench/results/gpu-<gpu name>.json on a GPU, none on a CPU)")
     args = p.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cpu" and not args.reduced:
         sys.exit("bench/gpu.py: no GPU here; the full sizes need one (use --reduced for the same code at toy size)")
     t0 = time.time()

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from common.atomic import atomic_write_json, replace_dir
+from common.atomic import append_line, atomic_write_json, replace_dir
 from common.config import config_hash, save_config, stable_seed
 from optimize3d.export import ExportConfig, extract_mesh, save_mesh, save_turntable, turntable_frames
 from optimize3d.field import Field, FieldConfig
@@ -214,6 +214,48 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
+def resolve_device(device: Optional[str]) -> torch.device:
+    """The device asked for, else cuda when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@contextlib.contextmanager
+def run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger, log_name: str):
+    """An output directory's life, for generate() and reconstruct(). Yields None when `final` is complete
+    with these export settings (the result is cached); else the directory to work in: `final` itself
+    when only the export settings changed (re-export in place), otherwise <final>.partial (resumed if a
+    killed run left it), renamed to `final` when the block completes. `logger` also writes to log_name
+    there for the duration."""
+    if final.is_dir():
+        done = json.loads((final / "export.json").read_text()) if (final / "export.json").is_file() else {}
+        if done.get("export_key") == config_hash(export_cfg):
+            yield None
+            return
+        work = final
+    else:
+        work = final.with_name(final.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(work / log_name)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield work
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    if work is not final:
+        replace_dir(work, final)
+
+
+def record_step(work: Path, logger: logging.Logger, parts: dict, every: int, total: int) -> None:
+    """Every `every` steps and at the last: the step's losses to losses.jsonl and the log."""
+    done = parts["step"]
+    if done % every == 0 or done == total:
+        append_line(work / "losses.jsonl", json.dumps(parts))
+        logger.info("step %d %s", done, json.dumps(parts))
+
+
 def optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, progress: bool = True) -> tuple:
     """Score-distil the field from `model` conditioned on `embedding`; resumes from work/nerf/."""
     with deterministic_algorithms(cfg.deterministic):
@@ -233,16 +275,11 @@ def _optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, p
     from tqdm import tqdm
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="3D", disable=not progress,
                dynamic_ncols=True)
-    losses_path = work / "losses.jsonl"
     for step in bar:
         parts = sds_step(cfg, nerf, grid, opt, guide, step)
         done = step + 1
-        mode = parts["mode"]
-        bar.set_postfix(sds=f"{parts['sds']:.3g}", orient=f"{parts['orient']:.3g}", mode=mode)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            with open(losses_path, "a") as f:
-                f.write(json.dumps(parts) + "\n")
-            log.info("step %d %s", done, json.dumps(parts))
+        bar.set_postfix(sds=f"{parts['sds']:.3g}", orient=f"{parts['orient']:.3g}", mode=parts["mode"])
+        record_step(work, log, parts, cfg.log_every, cfg.steps)
         if done % cfg.val_every == 0 or done == cfg.steps:
             save_validation(nerf, grid, cfg, work / "validation" / f"step-{done:06d}.png")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
@@ -316,20 +353,11 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
     checkpoint_id = checkpoint.identity(checkpoint_dir) + (config_hash(list(model_overrides)) if model_overrides else "")
     key = output_key(image_sha, checkpoint_id, cfg)
     final = Path(out_root) / run_dir_name(image, key)
-    work = final.with_name(final.name + ".partial")
     t0 = time.time()
-    if final.is_dir():
-        done = json.loads((final / "export.json").read_text()) if (final / "export.json").is_file() else {}
-        if done.get("export_key") == config_hash(cfg.export):
+    with run_directory(final, cfg.export, log, "generate.log") as work:
+        if work is None:
             return {"image": str(image), "output": str(final), "status": "cached", "seconds": time.time() - t0}
-        work = final                              # only the export settings changed: re-export in place
-    work.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(work / "generate.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
         model = checkpoint.load_model(checkpoint_dir, model_cfg).to(dev)
         save_config(cfg, work / "config.yaml")
         if cmd:
@@ -344,18 +372,13 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
             tmp = work / ".tmp-multiview.png"
             image_grid([picture.resize((views.shape[-1],) * 2)] + [to_image((v + 1) / 2) for v in views], columns=5).save(tmp)
             tmp.replace(work / "multiview.png")       # written last: marks the views complete
-        if work is final:
+        if work == final:                             # only the export settings changed
             nerf, grid, _ = build_field(cfg, dev)
             load_nerf(latest_nerf(work / "nerf"), nerf, grid)
         else:
             nerf, grid = optimize(cfg, model, embedding, work, progress=progress)
         info = export_outputs(nerf, grid, cfg, work)
         log.info("exported %s", json.dumps(info))
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-    if work is not final:
-        replace_dir(work, final)
     return {"image": str(image), "output": str(final), "status": "ok", "seconds": time.time() - t0, **info}
 
 

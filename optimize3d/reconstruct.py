@@ -31,13 +31,18 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+import trimesh
 from PIL import Image
+from tqdm import tqdm
 
-from common.atomic import atomic_write_json, replace_dir
+from common.atomic import atomic_write_json, atomic_write_text
 from common.config import config_hash, save_config, stable_seed
-from optimize3d.export import ExportConfig
+from optimize3d.evaluate import mask_iou, psnr, volume_iou
+from optimize3d.export import Z_UP_TO_Y_UP, ExportConfig
 from optimize3d.field import FieldConfig
 from optimize3d.march import MarchConfig, camera_rays, step_size, update_grid
+from optimize3d.optimize import (build_field, deterministic_algorithms, export_outputs, latest_nerf, load_nerf,
+                                 record_step, resolve_device, run_dir_name, run_directory, save_nerf, to_image)
 from optimize3d.renderer import render_rays, render_views
 from render.cameras import BLENDER_TO_OPENCV
 from render.preview import on_white
@@ -238,7 +243,6 @@ def render_like(nerf, grid, views: PosedViews, march: MarchConfig) -> dict:
 
 def evaluate_sets(nerf, grid, folder: Path, cfg: ReconstructConfig) -> dict:
     """Silhouette IoU (opacity > 0.5 against alpha > 0.5) and PSNR on white, per view set."""
-    from optimize3d.evaluate import mask_iou, psnr
     out = {}
     for name in view_sets(read_cameras(folder)):
         views = load_posed_views(folder, name, cfg.size)
@@ -254,7 +258,6 @@ def source_mesh(folder: Path):
     """The source mesh of a rendered object, normalised as render/ did (meta.json's scale and offset, in
     Blender's z-up world), or None when meta.json names no glTF source that exists. Blender imports glTF
     y-up as z-up: a +90 degree turn about x."""
-    import trimesh
     meta_path = Path(folder) / "meta.json"
     if not meta_path.is_file():
         return None
@@ -263,7 +266,7 @@ def source_mesh(folder: Path):
     if src.suffix.lower() not in (".glb", ".gltf") or not src.is_file():
         return None
     mesh = trimesh.load(src, force="mesh")
-    mesh.apply_transform(trimesh.transformations.rotation_matrix(math.pi / 2, [1, 0, 0]))
+    mesh.apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
     mesh.apply_scale(float(meta["scale"]))
     mesh.apply_translation(np.asarray(meta["offset"], float))
     return mesh
@@ -271,8 +274,6 @@ def source_mesh(folder: Path):
 
 def exported_mesh_z_up(path: Path):
     """mesh.glb as written (y-up for glTF viewers) back in the field's z-up world."""
-    import trimesh
-    from optimize3d.export import Z_UP_TO_Y_UP
     mesh = trimesh.load(path, force="mesh")
     mesh.apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
     return mesh
@@ -281,7 +282,6 @@ def exported_mesh_z_up(path: Path):
 def save_validation(nerf, grid, folder: Path, cfg: ReconstructConfig, path: Path, size: Optional[int] = None) -> None:
     """For the fitted set, then each held-out set: 4 of its views as rendered (ground truth) over the
     field's renders at the same cameras. size: the picture's view size (default: the views' own)."""
-    from optimize3d.optimize import to_image
     from render.preview import grid as image_grid
     sets = view_sets(read_cameras(folder))
     tiles = []
@@ -300,8 +300,6 @@ def save_validation(nerf, grid, folder: Path, cfg: ReconstructConfig, path: Path
 def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str = "", progress: bool = True,
                 device: Optional[str] = None) -> dict:
     """Fit, export and evaluate (see the module docstring). Returns a summary dict."""
-    from common.atomic import atomic_write_text
-    from optimize3d.optimize import build_field, deterministic_algorithms, export_outputs, latest_nerf, load_nerf, run_dir_name, save_nerf
     cfg.validate()
     folder = Path(folder)
     cfg = dataclasses.replace(cfg, train_set=resolve_train_set(folder, cfg))
@@ -310,20 +308,11 @@ def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str =
     settings.pop("export")
     key = config_hash({"views": views_digest(folder, cfg.train_set), "settings": settings, "schema": SCHEMA_VERSION})
     final = Path(out_root) / run_dir_name(folder.resolve(), key)
-    work = final.with_name(final.name + ".partial")
     t0 = time.time()
-    if final.is_dir():
-        done = json.loads((final / "export.json").read_text()) if (final / "export.json").is_file() else {}
-        if done.get("export_key") == config_hash(cfg.export):
+    with run_directory(final, cfg.export, log, "reconstruct.log") as work:
+        if work is None:
             return {"views": str(folder), "output": str(final), "status": "cached", "seconds": time.time() - t0}
-        work = final                               # only the export settings changed: re-export in place
-    work.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(work / "reconstruct.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
         save_config(cfg, work / "config.yaml")
         if cmd:
             atomic_write_text(work / "cmd.txt", cmd + "\n")
@@ -332,35 +321,24 @@ def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str =
         if (ck := latest_nerf(work / "nerf")) is not None:
             start = load_nerf(ck, nerf, grid, opt)
             log.info("resumed from %s (step %d)", ck, start)
-        if work is not final:
+        if work != final:                         # else only the export settings changed
             rays = training_rays(views, dev)
-            from tqdm import tqdm
             bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="fit", disable=not progress,
                        dynamic_ncols=True)
             with deterministic_algorithms(cfg.deterministic):
                 for step in bar:
                     parts = fit_step(cfg, nerf, grid, opt, rays, step)
-                    done = step + 1
                     bar.set_postfix(rgb=f"{parts['rgb']:.3g}", mask=f"{parts['mask']:.3g}")
-                    if done % cfg.log_every == 0 or done == cfg.steps:
-                        with open(work / "losses.jsonl", "a") as f:
-                            f.write(json.dumps(parts) + "\n")
-                        log.info("step %d %s", done, json.dumps(parts))
-                    if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                        save_nerf(work / "nerf", done, nerf, grid, opt)
+                    record_step(work, log, parts, cfg.log_every, cfg.steps)
+                    if parts["step"] % cfg.ckpt_every == 0 or parts["step"] == cfg.steps:
+                        save_nerf(work / "nerf", parts["step"], nerf, grid, opt)
             save_validation(nerf, grid, folder, cfg, work / "validation.png")
         info = export_outputs(nerf, grid, cfg, work)
         metrics = {"views": evaluate_sets(nerf, grid, folder, cfg)}
         truth = source_mesh(folder)
         if truth is not None:
-            from optimize3d.evaluate import volume_iou
             metrics["volume_iou_vs_source"] = volume_iou(exported_mesh_z_up(work / "mesh.glb"), truth, normalise=False)
         atomic_write_json(work / "metrics.json", metrics)
         log.info("exported %s; metrics %s", json.dumps(info), json.dumps(metrics))
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-    if work is not final:
-        replace_dir(work, final)
     return {"views": str(folder), "output": str(final), "status": "ok", "seconds": time.time() - t0, **info,
             "metrics": metrics}

@@ -31,7 +31,7 @@ from common.config import ConfigError, load_config  # noqa: E402
 from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from optimize3d.export import EmptyMeshError  # noqa: E402
 from optimize3d.inputs import FORMATS, InputImageError, load_input_image  # noqa: E402
-from optimize3d.optimize import GenerateConfig, generate  # noqa: E402
+from optimize3d.optimize import GenerateConfig, generate, resolve_device  # noqa: E402
 from optimize3d.reconstruct import ReconstructConfig, reconstruct  # noqa: E402
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -107,20 +107,17 @@ def resolve_config(args, model_cfg) -> GenerateConfig:
 
 def resolve_reconstruct_config(args) -> ReconstructConfig:
     """--config auto: sd21 (the paper's field) on a GPU, tiny on a CPU."""
-    import torch
     if any(o.startswith("model.") for o in args.overrides):
         raise ValueError("model.* overrides: --views uses no model")
     preset = args.config
     if preset == "auto":
-        preset = "sd21" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "tiny"
+        preset = "sd21" if resolve_device(args.device).type == "cuda" else "tiny"
     return load_preset(ReconstructConfig, preset, args, args.overrides)
 
 
 def warn_if_full_size_on_cpu(args, model_cfg, cfg) -> None:
     """One line before the work starts: a full-size run on a CPU takes days, not minutes."""
-    import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.image is not None and device == "cpu" and (model_cfg.latent == "vae" or max(cfg.resolutions) > 64):
+    if args.image is not None and resolve_device(args.device).type == "cpu" and (model_cfg.latent == "vae" or max(cfg.resolutions) > 64):
         print(f"generate.py: note: the full-size path ({model_cfg.latent} latents, {cfg.steps} steps up to "
               f"{max(cfg.resolutions)} px) on a CPU: at the paper's settings expect days (an H100 does 0.2-3 steps/s, "
               f"bench/results/gpu-*.json)", file=sys.stderr)
