@@ -44,9 +44,9 @@ def write_unet(ckpt: Path, unet, state: Optional[dict] = None) -> None:
               metadata={"format": "pt"})
 
 
-def write_scheduler(ckpt: Path) -> None:
+def write_scheduler(ckpt: Path, prediction_type: str = "epsilon") -> None:
     from model.mvmodel import noise_schedule
-    noise_schedule().save_pretrained(Path(ckpt) / "scheduler")
+    noise_schedule(prediction_type).save_pretrained(Path(ckpt) / "scheduler")
 
 
 def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None) -> Path:
@@ -64,7 +64,7 @@ def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extr
         cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, weights=str(Path(cfg.encoder.weights).resolve())))
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     write_unet(tmp, model.unet)
-    write_scheduler(tmp)
+    write_scheduler(tmp, cfg.prediction_type)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "training_state" / "scheduler.pt")

@@ -26,6 +26,7 @@ LATENT_SCALE = 0.18215
 
 
 FEATURIZATIONS = ("mvdream", "isotropic3d-double-radians")
+PREDICTIONS = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -51,6 +52,18 @@ class ModelConfig:
     a *sample* of the VAE posterior; the 2D preview sampled with DDIM eta 1). project: the image composited
     and resized once with antialiasing; antialiased render resize and the posterior *mean* (deterministic,
     less gradient noise); DDIM eta 0."""
+    embedding_mean: Optional[list[float]] = None
+    """Per-dimension mean of the training set's CLIP embeddings; with embedding_std, the condition the UNet
+    sees is (embedding - mean) / std. None: the embedding as it is (the sd21 preset, the released model).
+    Fine-tuning computes both when TrainConfig.standardize_embeddings is set (the tiny preset: its
+    random-weight encoder embeds different objects with cosine ~0.996 to each other, a near-constant
+    condition the model would learn to ignore); a checkpoint carries them in config.json."""
+    embedding_std: Optional[list[float]] = None
+    prediction_type: str = "epsilon"
+    """What the UNet predicts: epsilon (SD 2.1, MVDream, the released model) or v_prediction (the tiny
+    preset: a small pixel-space model trained for minutes predicts epsilon well and still gets x0 badly
+    wrong at high noise, where x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies its error by up to 15;
+    measured at 300 steps: x0 error 0.54 at t = 950, and DDIM samples of training objects were noise)."""
     allow_random_weights: bool = False
     """A VAE model without vae_path, or a non-tiny encoder without weights, is an error unless this is
     true (tests, benchmarks): full-size results from random weights are never silent."""
@@ -59,7 +72,8 @@ class ModelConfig:
     def tiny() -> "ModelConfig":
         # Pixel space: a 32 px image is already the 32x32 grid sd21's latents have, and a tiny VAE
         # would need training of its own before the UNet could learn anything on CPU.
-        return ModelConfig(unet=UNetConfig.tiny(), encoder=EncoderConfig.tiny(), latent="pixel", image_size=32)
+        return ModelConfig(unet=UNetConfig.tiny(), encoder=EncoderConfig.tiny(), latent="pixel", image_size=32,
+                           prediction_type="v_prediction")
 
     @staticmethod
     def sd21() -> "ModelConfig":
@@ -72,6 +86,8 @@ class ModelConfig:
             raise ValueError(f"model.latent {self.latent!r}: expected vae or pixel")
         if self.camera_featurization not in FEATURIZATIONS:
             raise ValueError(f"model.camera_featurization {self.camera_featurization!r}: expected one of {', '.join(FEATURIZATIONS)}")
+        if self.prediction_type not in PREDICTIONS:
+            raise ValueError(f"model.prediction_type {self.prediction_type!r}: expected one of {', '.join(PREDICTIONS)}")
         if self.inference not in INFERENCES:
             raise ValueError(f"model.inference {self.inference!r}: expected one of {', '.join(INFERENCES)}")
         if self.latent == "vae" and self.vae_path is None and not self.allow_random_weights:
@@ -86,6 +102,11 @@ class ModelConfig:
                              "for tests and benchmarks")
         if self.encoder.weights is not None and not Path(self.encoder.weights).is_file():
             raise ValueError(f"model.encoder.weights {self.encoder.weights}: not a file")
+        stats = (self.embedding_mean, self.embedding_std)
+        if (stats[0] is None) != (stats[1] is None) or (stats[0] is not None and len(stats[0]) != len(stats[1])):
+            raise ValueError("model.embedding_mean and model.embedding_std: give both, of the same length, or neither")
+        if stats[1] is not None and min(stats[1]) <= 0:
+            raise ValueError("model.embedding_std: every entry must be > 0")
 
 
 def _released_lookat(azimuth_deg: float, elevation_deg: float) -> np.ndarray:
@@ -120,10 +141,10 @@ def released_preview_features(views: int = 4, elevation: float = 15.0) -> torch.
     return torch.tensor(np.stack(feats).reshape(-1, 16), dtype=torch.float32)
 
 
-def noise_schedule() -> DDPMScheduler:
+def noise_schedule(prediction_type: str = "epsilon") -> DDPMScheduler:
     """SD 2.1 / MVDream: scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon prediction."""
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
+                         beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
 
 
 class MultiViewModel(torch.nn.Module):
@@ -136,7 +157,7 @@ class MultiViewModel(torch.nn.Module):
         if cfg.latent == "vae":
             self.vae = AutoencoderKL.from_pretrained(cfg.vae_path) if cfg.vae_path else self.new_vae(cfg)
             self.vae.requires_grad_(False).eval()
-        self.schedule = noise_schedule()
+        self.schedule = noise_schedule(cfg.prediction_type)
 
     @staticmethod
     def new_vae(cfg: Optional[ModelConfig] = None) -> AutoencoderKL:
@@ -188,8 +209,29 @@ class MultiViewModel(torch.nn.Module):
         eta = 1.0 if self.cfg.inference == "isotropic3d-release" else 0.0
         return self.sample(clip_embedding, c2w_gl, steps, guidance, generator, features=self.preview_features(c2w_gl), eta=eta)
 
+    def condition(self, clip_embedding: torch.Tensor) -> torch.Tensor:
+        """[..., D] CLIP embedding -> the condition the UNet attends to: standardised with the checkpoint's
+        statistics when it has them (ModelConfig.embedding_mean/std). The unconditional condition (CFG,
+        dropout) is the zero vector after this step."""
+        if self.cfg.embedding_mean is None:
+            return clip_embedding
+        mean = torch.tensor(self.cfg.embedding_mean, dtype=clip_embedding.dtype, device=clip_embedding.device)
+        std = torch.tensor(self.cfg.embedding_std, dtype=clip_embedding.dtype, device=clip_embedding.device)
+        if clip_embedding.shape[-1] != mean.shape[0]:
+            raise ValueError(f"CLIP embedding of {clip_embedding.shape[-1]} numbers; the model's statistics have {mean.shape[0]}")
+        return (clip_embedding - mean) / std
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, cams16: torch.Tensor, context: torch.Tensor, views: int):
+        """The UNet's output: epsilon or v, as cfg.prediction_type says."""
         return multiview_forward(self.unet, x, t, cams16, context, views)
+
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cams16: torch.Tensor, context: torch.Tensor, views: int):
+        """Epsilon whatever the UNet predicts (v = sqrt(a) eps - sqrt(1 - a) x0, so eps = sqrt(a) v + sqrt(1 - a) x_t)."""
+        out = self.predict(x, t, cams16, context, views)
+        if self.cfg.prediction_type == "epsilon":
+            return out
+        a = self.schedule.alphas_cumprod.to(x.device)[t.long()].view(-1, 1, 1, 1).to(out.dtype)
+        return a.sqrt() * out + (1 - a).sqrt() * x.to(out.dtype)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict, stage: int, generator: torch.Generator, cond_dropout: float = 0.1):
@@ -198,7 +240,7 @@ class MultiViewModel(torch.nn.Module):
 
     def loss(self, batch: dict, stage: int, generator: torch.Generator, cond_dropout: float = 0.1,
              return_parts: bool = False):
-        """Epsilon-prediction MSE on the target views. Stage 2 appends each object's clean reference
+        """Epsilon- (or v-) prediction MSE on the target views. Stage 2 appends each object's clean reference
         latent as one more view (timestep 0, camera el = az = 0) that joins the multi-view attention
         and is left out of the loss."""
         target = batch["target"]                                  # [B, V, 3, H, W]
@@ -215,7 +257,7 @@ class MultiViewModel(torch.nn.Module):
         xt = self.schedule.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t.repeat_interleave(v)).unflatten(0, (b, v))
         cams = self.cameras(batch["target_cameras"].flatten(0, 1)).unflatten(0, (b, v))
         tt = t[:, None].expand(b, v)
-        emb = batch["clip_embedding"]
+        emb = self.condition(batch["clip_embedding"])
         keep = (torch.cat([torch.rand(1, generator=g) for g in gens]) >= cond_dropout).to(device, emb.dtype)
         emb = emb * keep[:, None]                                 # dropped condition = the zero embedding
         if stage == 2:
@@ -229,7 +271,9 @@ class MultiViewModel(torch.nn.Module):
         context = emb[:, None, None, :].expand(b, views, 1, emb.shape[-1]).flatten(0, 1)
         pred = self.predict(xt.flatten(0, 1), tt.flatten(0, 1), cams.flatten(0, 1), context, views)
         pred = pred.unflatten(0, (b, views))
-        loss = F.mse_loss(pred[:, :v].float(), noise.float())    # the reference view (stage 2) is excluded
+        target = noise if self.cfg.prediction_type == "epsilon" else self.schedule.get_velocity(
+            x0.flatten(0, 1), noise.flatten(0, 1), t.repeat_interleave(v)).unflatten(0, (b, v))
+        loss = F.mse_loss(pred[:, :v].float(), target.float())   # the reference view (stage 2) is excluded
         return (loss, pred) if return_parts else loss
 
     # ------------------------------------------------------------------ sampling
@@ -247,7 +291,7 @@ class MultiViewModel(torch.nn.Module):
         size = self.cfg.unet.sample_size
         x = torch.randn((v, self.cfg.unet.in_channels, size, size), generator=generator).to(device)
         cams = (self.cameras(c2w_gl.to(device)) if features is None else features.to(device)).repeat(2, 1)
-        emb = clip_embedding.to(device).reshape(1, 1, -1)
+        emb = self.condition(clip_embedding.to(device)).reshape(1, 1, -1)
         context = torch.cat([emb.expand(v, 1, -1), torch.zeros_like(emb).expand(v, 1, -1)])
         for t in ddim.timesteps:
             eps = self.predict(torch.cat([x, x]), t.repeat(2 * v).to(device), cams, context, v)

@@ -45,6 +45,11 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """constant (stage 1) or linear decay to 0 at max_steps (stage 2)."""
     max_steps: int = 1000
+    standardize_embeddings: bool = False
+    """When the model has no embedding statistics yet (a first stage 1), compute the per-dimension mean and
+    std of the training set's CLIP embeddings and condition on standardised embeddings from then on (saved
+    in every checkpoint's config.json; see ModelConfig.embedding_mean). On in the tiny preset, whose
+    random-weight encoder is nearly constant across objects; off at sd21 (real CLIP, the released model)."""
     cond_dropout: float = 0.1
     """Probability that an object's CLIP embedding is replaced by zeros (so CFG works)."""
     grad_clip: float = 1.0
@@ -63,7 +68,7 @@ class TrainConfig:
         return TrainConfig(model=ModelConfig.tiny(), data=SampleConfig(image_size=32), stage=stage, batch_size=4,
                            lr=2e-3 if stage == 1 else 5e-4, lr_schedule="constant" if stage == 1 else "linear",
                            warmup_steps=10, max_steps=200 if stage == 1 else 100, val_every=100, ckpt_every=50,
-                           sample_steps=20, val_percent=0.0)
+                           sample_steps=20, guidance=2.0, val_percent=0.0, standardize_embeddings=True)
 
     @staticmethod
     def sd21(stage: int = 1) -> "TrainConfig":
@@ -106,6 +111,13 @@ def prepare_embeddings(cfg: TrainConfig, data_dir: Path, objects) -> EmbeddingSt
     return store
 
 
+def embedding_statistics(store: EmbeddingStore, objects) -> tuple[list[float], list[float]]:
+    """Per-dimension mean and std over every reference view of every training object, in float64 so that
+    every rank (and a rerun) gets the same numbers from the same embeddings."""
+    emb = torch.cat([store.get(o.uid) for o in objects]).double()
+    return emb.mean(0).tolist(), emb.std(0, unbiased=False).clamp_min(1e-6).tolist()
+
+
 class Batches:
     """Micro-batch m of this rank, for any m: the data order of a resumed run is the same."""
 
@@ -145,13 +157,21 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     store = prepare_embeddings(cfg, Path(data_dir), objects)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
+    ck = checkpoint.resolve(resume, run / "checkpoints") if resume else None
+    weights_from = ck or (Path(init) if init else None)
+    if weights_from is not None:
+        saved = checkpoint.model_config(weights_from)   # the statistics its weights were trained with
+        if saved.embedding_mean is not None:
+            model.cfg.embedding_mean, model.cfg.embedding_std = saved.embedding_mean, saved.embedding_std
+    if cfg.standardize_embeddings and model.cfg.embedding_mean is None:
+        model.cfg.embedding_mean, model.cfg.embedding_std = embedding_statistics(store, objects)
+        log.info("conditioning on standardised CLIP embeddings (statistics of %d objects)", len(objects))
     ds = MultiViewDataset(objects, store, cfg.data)
     params = [p for p in model.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
     start = 0
     if resume:
-        ck = checkpoint.resolve(resume, run / "checkpoints")
         checkpoint.load_model_weights(model, ck)
         start = checkpoint.load_training_state(ck, opt, sched)
     net = model

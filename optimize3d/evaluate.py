@@ -5,15 +5,18 @@
 
 2D stage: PSNR and SSIM of the 4 sampled views (multiview/, azimuths 0/90/180/270 at the preview
 elevation) against the fixed-set ground-truth views at the same cameras, on white, at the model's size.
+comparison.png: the ground truth, the sampled views and the NeRF's renders at azimuths 0/90/180/270.
 3D stage: PSNR, SSIM and silhouette IoU of the NeRF's renders at the 16 fixed-set cameras; Chamfer
 distance and volume IoU (64^3) between the exported mesh and the ground-truth mesh, both normalised
-into the unit box (centred on their bounding box, largest extent 1).
+into the unit box (centred on their bounding box, largest extent 1); colour_error: the largest RGB
+difference (0-1) between the two meshes' area-weighted mean colours (the export's albedo vs the source's).
 Chamfer distance here = (mean nearest distance mesh->gt + mean gt->mesh) / 2, from 20,000 surface
 samples each. The run's az = 0 is the input view: the input must be the fixed view 0 of the object
 (azimuth 0), or the ground truth would need rotating first.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -24,7 +27,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from common.atomic import atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json
 from render.preview import on_white
 
 SURFACE_SAMPLES = 20_000
@@ -82,6 +85,18 @@ def volume_iou(a: trimesh.Trimesh, b: trimesh.Trimesh, resolution: int = VOLUME_
     return mask_iou(filled(a), filled(b))
 
 
+def mean_colour(mesh: trimesh.Trimesh) -> np.ndarray:
+    """The surface's mean colour, RGB in [0, 1] as stored (sRGB for the demo's glTFs and the exports), weighted
+    by area: face colours, vertex colours, or a texture sampled at the vertices (trimesh's to_color)."""
+    if mesh.visual.kind == "face":
+        colours = np.asarray(mesh.visual.face_colors, np.float64)[:, :3] / 255.0
+    else:
+        visual = mesh.visual.to_color() if mesh.visual.kind == "texture" else mesh.visual
+        colours = np.asarray(visual.vertex_colors, np.float64)[mesh.faces, :3].mean(1) / 255.0
+    area = mesh.area_faces
+    return (colours * area[:, None]).sum(0) / max(area.sum(), 1e-12)
+
+
 # ---------------------------------------------------------------------------- a run
 def _gt_view(obj, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed-set ground-truth view: rgb on white [H, W, 3] in [0, 1], silhouette (alpha > 0.5)."""
@@ -112,17 +127,24 @@ def render_fixed_views(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray
     return out["rgb"].permute(0, 2, 3, 1).clamp(0, 1).numpy(), out["opacity"][:, 0].numpy()
 
 
+def sampled_view_pairs(run_dir: Path, obj) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The run's 4 sampled views (multiview/) with the object's fixed views 0, 4, 8, 12 (azimuths 0, 90,
+    180, 270) at their size: [(sampled, truth)], RGB on white in [0, 1]."""
+    views = sorted((Path(run_dir) / "multiview").glob("*.png"))
+    if len(views) != 4:
+        raise FileNotFoundError(f"run {run_dir}: expected 4 sampled views in multiview/, found {len(views)}")
+    size = Image.open(views[0]).size[0]
+    return [(np.asarray(Image.open(v).convert("RGB"), np.float32) / 255.0, _gt_view(obj, 4 * i, size)[0])
+            for i, v in enumerate(views)]
+
+
 def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | None = None) -> dict:
     from dataset.views import RenderedObject
     run_dir, gt_object_dir = Path(run_dir), Path(gt_object_dir)
     obj = RenderedObject.open(gt_object_dir)
-    views = sorted((run_dir / "multiview").glob("*.png"))
-    if len(views) != 4:
-        raise FileNotFoundError(f"run {run_dir}: expected 4 sampled views in multiview/, found {len(views)}")
-    size2d = Image.open(views[0]).size[0]
+    pairs2d = sampled_view_pairs(run_dir, obj)
+    size2d = pairs2d[0][0].shape[0]
     size3d = size or size2d
-    pairs2d = [(np.asarray(Image.open(v).convert("RGB"), np.float32) / 255.0, _gt_view(obj, 4 * i, size2d)[0])
-               for i, v in enumerate(views)]                       # fixed views 0, 4, 8, 12 = azimuths 0, 90, 180, 270
     rgb, opacity = render_fixed_views(run_dir, size3d)
     gt = [_gt_view(obj, i, size3d) for i in range(len(rgb))]
     if not (run_dir / "mesh.glb").is_file():
@@ -136,11 +158,26 @@ def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | 
                "ssim": float(np.mean([ssim(rgb[i], gt[i][0]) for i in range(len(rgb))])),
                "silhouette_iou": float(np.mean([mask_iou(opacity[i] > 0.5, gt[i][1]) for i in range(len(rgb))])),
                "chamfer": chamfer_distance(mesh, truth), "volume_iou": volume_iou(mesh, truth),
+               "mean_colour": mean_colour(mesh).round(4).tolist(),
+               "colour_error": float(np.abs(mean_colour(mesh) - mean_colour(truth)).max()),
                "views": len(rgb), "size": size3d},
         "ground_truth": {"object": str(gt_object_dir), "mesh": str(gt_mesh)},
     }
+    save_comparison(run_dir / "comparison.png", [gt[i][0] for i in (0, 4, 8, 12)], [a for a, _ in pairs2d],
+                    [rgb[i] for i in (0, 4, 8, 12)])
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def save_comparison(path: Path, *rows: list) -> None:
+    """Rows of [H, W, 3] images in [0, 1] (any sizes: each is shown at the largest) as one PNG."""
+    from render.preview import grid
+    size = max(img.shape[0] for row in rows for img in row)
+    tiles = [Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
+             for row in rows for img in row]
+    buf = io.BytesIO()
+    grid(tiles, columns=len(rows[0])).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

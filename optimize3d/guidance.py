@@ -74,7 +74,7 @@ class MultiViewGuidance:
     def __init__(self, model, clip_embedding: torch.Tensor, cfg: GuidanceConfig, autocast: bool = False):
         self.model, self.cfg, self.autocast = model, cfg, autocast
         self.device = next(model.unet.parameters()).device
-        self.embedding = clip_embedding.to(self.device).reshape(1, 1, -1)
+        self.embedding = model.condition(clip_embedding.to(self.device)).reshape(1, 1, -1)
         self.alphas_cumprod = model.schedule.alphas_cumprod.to(self.device)
 
     def latents(self, images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -99,7 +99,7 @@ class MultiViewGuidance:
 
         def predict(x_t):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                eps = self.model.predict(torch.cat([x_t, x_t]), torch.full((2 * v,), t, device=self.device),
+                eps = self.model.predict_noise(torch.cat([x_t, x_t]), torch.full((2 * v,), t, device=self.device),
                                          cams, context, v)
             return eps.float().chunk(2)
 

@@ -1,22 +1,26 @@
 """The whole suite on a laptop: procedural objects -> Blender renders -> tiny model fine-tuned in
-stage 1 and stage 2 -> the image of a held-out object -> a mesh, evaluated and shown on a page.
+stage 1 and stage 2 -> two objects' images -> meshes, evaluated against their renders and meshes, on a page.
 
-    python pipelines/demo.py                          # outputs/demo-run/ (about 12 minutes on 2 cores)
+    python pipelines/demo.py                          # outputs/demo-run/ (about 13 minutes on 2 cores)
     python pipelines/demo.py --force stage2           # redo stage 2 and what depends on it
     python pipelines/demo.py render.resolution=48 generate.steps=200
 
 Each stage runs the real pipeline script (render_objaverse.py, finetune.py, generate.py) as its own
-process. Its output is OUTPUT/<stage>-<key>/, where the key hashes the stage's settings and the keys
-of the stages it reads: a second run finds every directory and redoes nothing;
-a changed setting gives its stage, and every stage after it, a new key; nothing upstream is redone.
-A stage is built in <stage>-<key>.partial/ and renamed when it succeeds; a killed stage resumes there
-(renders already complete and checkpoints are kept) and is never taken for a finished one.
-The held-out object is the first demo object the training split leaves out (val_percent); its fixed
-view 0 is the input image; metrics.json and report.html compare the result with its renders and mesh.
+process; its progress bars go to the console, its log (plain lines) to OUTPUT/logs/<stage>.log. Its
+output is OUTPUT/<stage>-<key>/, where the key hashes the stage's settings and the keys of the stages
+it reads: a second run finds every directory and redoes nothing (the report keeps the times of the run
+that did the work); a changed setting gives its stage, and every stage after it, a new key; nothing
+upstream is redone. A stage is built in <stage>-<key>.partial/ and renamed when it succeeds; a killed
+stage resumes there and is never taken for a finished one. Settings are checked before anything runs.
+Two objects are generated, each from its fixed view 0: one *seen* in training (a pipeline that works
+must reproduce what it was trained on) and one *held out* (val_percent's split; the honest case at
+this scale). metrics.json and report.html compare each with its renders and source mesh, beside the
+demo's targets (TARGETS).
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
 import shutil
@@ -34,14 +38,20 @@ from common.atomic import atomic_write_json, replace_dir  # noqa: E402
 from common.config import ConfigError, config_hash, load_config, save_config  # noqa: E402
 
 STAGES = ("render", "stage1", "stage2", "generate")
-SCHEMA_VERSION = 1
+ROLES = ("seen", "held_out")
+SCHEMA_VERSION = 2
+# What the seen object must reach at this scale (metric path, comparison, threshold); the held-out object
+# is reported against the same numbers.
+TARGETS = (("2d.psnr", ">=", 18.0), ("3d.silhouette_iou", ">=", 0.85), ("3d.volume_iou", ">=", 0.6),
+           ("3d.colour_error", "<=", 0.1))
 log = logging.getLogger("demo")
 
 
 @dataclass
 class RenderStage:
-    count: int = 16
-    """Procedural demo objects (val_percent of them are held out of training)."""
+    count: int = 8
+    """Procedural demo objects: 8 = one of each shape (box, sphere, cylinder, cone, capsule, torus, table,
+    snowman); val_percent of them are held out of training."""
     resolution: int = 64
     samples: int = 16
     denoiser: str = "fast"
@@ -50,7 +60,7 @@ class RenderStage:
 
 @dataclass
 class TrainStage:
-    max_steps: int = 300
+    max_steps: int = 600
     overrides: list[str] = field(default_factory=list)
     """Extra finetune.py overrides (TrainConfig fields), e.g. ["lr=0.001"]."""
 
@@ -58,8 +68,10 @@ class TrainStage:
 @dataclass
 class GenerateStage:
     steps: int = 300
-    object: Optional[str] = None
-    """uid of the held-out object to reconstruct; None = the first held-out one."""
+    seen: Optional[str] = None
+    """uid of a training object to reproduce; None = the first one."""
+    held_out: Optional[str] = None
+    """uid of a held-out object to generate; None = the first one."""
     overrides: list[str] = field(default_factory=list)
     """Extra generate.py overrides (GenerateConfig fields)."""
 
@@ -70,8 +82,9 @@ class DemoConfig:
     stage1: TrainStage = field(default_factory=TrainStage)
     stage2: TrainStage = field(default_factory=lambda: TrainStage(max_steps=100))
     generate: GenerateStage = field(default_factory=GenerateStage)
-    val_percent: float = 10.0
-    """Share of the objects (by uid hash) left out of training."""
+    val_percent: float = 5.0
+    """Share of the objects (by uid hash) left out of training; of the 8 default objects it holds out
+    exactly one, demo2-0-005-torus."""
 
 
 def stage_keys(cfg: DemoConfig) -> dict[str, str]:
@@ -80,36 +93,88 @@ def stage_keys(cfg: DemoConfig) -> dict[str, str]:
     keys = {"render": config_hash({"render": cfg.render, "demo": DEMO_VERSION, "schema": [RENDER_SCHEMA, SCHEMA_VERSION]})}
     keys["stage1"] = config_hash({"after": keys["render"], "train": cfg.stage1, "val": cfg.val_percent})
     keys["stage2"] = config_hash({"after": keys["stage1"], "train": cfg.stage2, "val": cfg.val_percent})
-    keys["generate"] = config_hash({"after": keys["stage2"], "generate": cfg.generate})
+    keys["generate"] = config_hash({"after": keys["stage2"], "generate": cfg.generate, "val": cfg.val_percent})
     return keys
 
 
-def run_script(script: str, args: list, log_path: Path) -> None:
-    """A pipeline script in its own process; its output goes to log_path (tail shown on failure)."""
+def check_settings(cfg: DemoConfig) -> None:
+    """Each stage's overrides resolved as its script will resolve them: a bad setting stops the demo
+    before anything is run or written."""
+    from model.train import TrainConfig
+    from optimize3d.optimize import GenerateConfig
+    for no, tcfg in ((1, cfg.stage1), (2, cfg.stage2)):
+        load_config(TrainConfig, None, [f"stage={no}", f"max_steps={tcfg.max_steps}", f"val_percent={cfg.val_percent}",
+                                        *tcfg.overrides], base=TrainConfig.tiny(no)).validate()
+    load_config(GenerateConfig, None, [f"steps={cfg.generate.steps}", *cfg.generate.overrides],
+                base=GenerateConfig.tiny()).validate()
+    if cfg.render.count < 2:
+        raise ValueError(f"render.count={cfg.render.count}: the demo needs a seen and a held-out object")
+
+
+class PlainLog:
+    """A child's output: passed to the console as it comes (progress bars), and to the log file as plain
+    lines (a progress bar's carriage-return updates collapse to its last state when its line ends)."""
+
+    def __init__(self, path: Path, console):
+        self.file, self.console, self.pending = open(path, "a"), console, ""
+
+    def feed(self, text: str) -> None:
+        if self.console is not None:
+            self.console.write(text)
+            self.console.flush()
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.file.write(line.rstrip("\r").split("\r")[-1] + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.pending:
+            self.file.write(self.pending.rstrip("\r").split("\r")[-1] + "\n")
+        self.file.close()
+
+
+def run_script(script: str, args: list, log_path: Path, console=sys.stderr) -> None:
+    """A pipeline script in its own process: progress on the console, plain lines in log_path (its tail
+    is shown on failure)."""
     cmd = [sys.executable, str(ROOT / "pipelines" / script), *map(str, args)]
     log.info("$ %s", " ".join(cmd))
-    with open(log_path, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    out = PlainLog(log_path, console)
+    out.feed(f"$ {' '.join(cmd)}\n")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    try:
+        while chunk := proc.stdout.read1(4096):                   # whatever has arrived, without waiting for more
+            out.feed(decoder.decode(chunk))
+        out.feed(decoder.decode(b"", final=True))
+    finally:
+        code = proc.wait()
+        out.close()
     if code:
         tail = log_path.read_text().splitlines()[-15:]
         raise RuntimeError(f"{script} failed (exit {code}); log {log_path}:\n" + "\n".join(tail))
 
 
-def stage(out: Path, name: str, key: str, force: bool, build: Callable[[Path], None]) -> tuple[Path, bool]:
-    """OUTPUT/<name>-<key>/: reuse when complete, else build in .partial and rename. -> (dir, cached)"""
+def stage(out: Path, name: str, key: str, force: bool, build: Callable[[Path], None]) -> tuple[Path, dict]:
+    """OUTPUT/<name>-<key>/: reuse when complete, else build in .partial and rename.
+    -> (dir, {"seconds": of the run that built it, "cached": whether this run reused it})"""
     final = out / f"{name}-{key}"
     work = out / f"{name}-{key}.partial"
     if force:
         shutil.rmtree(final, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     if final.is_dir():
-        return final, True
+        built = json.loads((final / "stage.json").read_text()) if (final / "stage.json").is_file() else {}
+        return final, {"seconds": built.get("seconds"), "cached": True}
     work.mkdir(parents=True, exist_ok=True)
+    t = time.time()
     build(work)
+    # The scripts recorded their command lines with the .partial path, which stops existing at the rename.
+    for cmd in work.rglob("cmd.txt"):
+        cmd.write_text(cmd.read_text().replace(str(work), str(final)))
+    seconds = round(time.time() - t, 1)
+    atomic_write_json(work / "stage.json", {"seconds": seconds, "key": key})
     replace_dir(work, final)
-    return final, False
+    return final, {"seconds": seconds, "cached": False}
 
 
 def latest_checkpoint(run: Path) -> Path:
@@ -120,38 +185,72 @@ def latest_checkpoint(run: Path) -> Path:
     return ck
 
 
-def held_out(render_dir: Path, cfg: DemoConfig) -> str:
+def demo_objects(render_dir: Path, cfg: DemoConfig) -> dict[str, str]:
+    """{"seen": a training object's uid, "held_out": a held-out object's uid}."""
     from dataset.views import split_of
     uids = sorted(p.name for p in (render_dir / "objects").iterdir() if p.is_dir())
-    if cfg.generate.object:
-        if cfg.generate.object not in uids:
-            raise ValueError(f"generate.object={cfg.generate.object}: not a rendered object ({', '.join(uids)})")
-        return cfg.generate.object
-    val = [u for u in uids if split_of(u, cfg.val_percent) == "val"]
-    if not val:
-        raise ValueError(f"val_percent={cfg.val_percent}: no object of {len(uids)} is held out; raise it or render more")
-    return val[0]
+    chosen = {}
+    for role, split, setting in (("seen", "train", cfg.generate.seen), ("held_out", "val", cfg.generate.held_out)):
+        group = [u for u in uids if split_of(u, cfg.val_percent) == split]
+        if setting is not None:
+            if setting not in group:
+                raise ValueError(f"generate.{role}={setting}: not a {split} object of this render ({', '.join(group) or 'none'})")
+            chosen[role] = setting
+        elif not group:
+            raise ValueError(f"val_percent={cfg.val_percent}: no {split} object among {len(uids)}; change it or render more")
+        else:
+            chosen[role] = group[0]
+    return chosen
 
 
-def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None) -> dict:
+def targets_met(metrics: dict) -> dict[str, dict]:
+    """{metric path: {"value", "target", "met"}} for TARGETS."""
+    out = {}
+    for path, op, threshold in TARGETS:
+        section, name = path.split(".")
+        value = metrics.get(section, {}).get(name)
+        met = value is not None and (value >= threshold if op == ">=" else value <= threshold)
+        out[path] = {"value": value, "target": f"{op} {threshold}", "met": bool(met)}
+    return out
+
+
+def conditioning_check(objects: dict) -> dict:
+    """PSNR of each object's sampled views (same noise seed for both) against each object's ground truth:
+    if the CLIP condition matters, each row is highest on its own object."""
+    import numpy as np
+    from dataset.views import RenderedObject
+    from optimize3d.evaluate import psnr, sampled_view_pairs
+    out = {}
+    for role, obj in objects.items():
+        row = {}
+        for other, truth in objects.items():
+            pairs = sampled_view_pairs(Path(obj["run"]), RenderedObject.open(Path(truth["ground_truth"])))
+            row[other] = float(np.mean([psnr(a, b) for a, b in pairs]))
+        out[role] = {"psnr_against": row, "own_is_closest": max(row, key=row.get) == role}
+    return out
+
+
+def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sys.stderr) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     keys = stage_keys(cfg)
     forced = set(STAGES[STAGES.index(force):]) if force else set()
-    timings, cached = {}, {}
+    stages = {}
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
 
     def timed(name, build):
-        t = time.time()
-        d, was_cached = stage(out, name, keys[name], name in forced, build)
-        timings[name], cached[name] = round(time.time() - t, 1), was_cached
-        log.info("%-8s %s %s (%.0f s)", name, "cached" if was_cached else "done  ", d.name, timings[name])
+        log.info("%-8s ...", name)
+        d, info = stage(out, name, keys[name], name in forced, build)
+        stages[name] = info
+        log.info("%-8s %s %s (%s s%s)", name, "cached" if info["cached"] else "done  ", d.name, info["seconds"],
+                 ", from the run that built it" if info["cached"] else "")
         return d
 
     r = cfg.render
     render_dir = timed("render", lambda w: run_script("render_objaverse.py", [
         "--source", "demo", "--demo-count", r.count, "--output", w, "--resolution", r.resolution, "--samples", r.samples,
-        "--denoiser", r.denoiser, "--seed", r.seed, "--no-progress"], log_dir / "render.log"))
+        "--denoiser", r.denoiser, "--seed", r.seed], log_dir / "render.log", console))
+    chosen = demo_objects(render_dir, cfg)          # before training: a bad choice fails at once
 
     def train(stage_no: int, tcfg: TrainStage, init: Optional[Path]):
         def build(w: Path):
@@ -161,36 +260,38 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None) -> dict:
                 args += ["--init", init]
             if (w / "checkpoints").is_dir() and any((w / "checkpoints").glob("step-*")):
                 args += ["--resume", "latest"]                       # a killed stage continues
-            run_script("finetune.py", args + [f"val_percent={cfg.val_percent}", *tcfg.overrides], log_dir / f"stage{stage_no}.log")
+            run_script("finetune.py", args + [f"val_percent={cfg.val_percent}", *tcfg.overrides],
+                       log_dir / f"stage{stage_no}.log", console)
         return build
 
     stage1 = timed("stage1", train(1, cfg.stage1, None))
     stage2 = timed("stage2", train(2, cfg.stage2, latest_checkpoint(stage1)))
-    uid = held_out(render_dir, cfg)
-    obj_dir = render_dir / "objects" / uid
-    gt_mesh = render_dir / "sources" / "demo" / f"{uid}.glb"
 
     def generate(w: Path):
         from optimize3d.evaluate import evaluate_run
-        image = w / f"{uid}.png"
-        shutil.copyfile(obj_dir / "fixed" / "000.png", image)       # azimuth 0: the run's frame is the object's
-        run_script("generate.py", ["--image", image, "--checkpoint", latest_checkpoint(stage2), "--output", w,
-                                   "--steps", cfg.generate.steps, "--no-progress", *cfg.generate.overrides],
-                   log_dir / "generate.log")
-        run = next(p for p in w.iterdir() if p.is_dir() and (p / "mesh.glb").is_file())
-        evaluate_run(run, obj_dir, gt_mesh)
+        for role, uid in chosen.items():
+            obj_dir = render_dir / "objects" / uid
+            (w / role).mkdir(exist_ok=True)
+            image = w / role / f"{uid}.png"
+            shutil.copyfile(obj_dir / "fixed" / "000.png", image)   # azimuth 0: the run's frame is the object's
+            run_script("generate.py", ["--image", image, "--checkpoint", latest_checkpoint(stage2), "--output", w / role,
+                                       "--steps", cfg.generate.steps, *cfg.generate.overrides],
+                       log_dir / "generate.log", console)
+            run = next(p for p in (w / role).iterdir() if p.is_dir() and (p / "mesh.glb").is_file())
+            evaluate_run(run, obj_dir, render_dir / "sources" / "demo" / f"{uid}.glb")
 
     gen_dir = timed("generate", generate)
-    run = next(p for p in gen_dir.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
-    metrics = json.loads((run / "metrics.json").read_text())
-    summary = {**metrics, "object": uid, "run": str(run), "seconds": timings, "cached": cached, "keys": keys}
+    objects = {}
+    for role, uid in chosen.items():
+        run = next(p for p in (gen_dir / role).iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+        metrics = json.loads((run / "metrics.json").read_text())
+        objects[role] = {"object": uid, "run": str(run), "ground_truth": str(render_dir / "objects" / uid),
+                         "2d": metrics["2d"], "3d": metrics["3d"], "targets": targets_met(metrics)}
+    summary = {"objects": objects, "conditioning": conditioning_check(objects), "stages": stages, "keys": keys,
+               "seconds": {s: stages[s]["seconds"] for s in STAGES}, "cached": {s: stages[s]["cached"] for s in STAGES}}
     atomic_write_json(out / "metrics.json", summary)
-    from pipelines.report import write_report
-    stages = "".join(f"<tr><td>{s}</td><td>{keys[s]}</td><td>{'cached' if cached[s] else 'ran'}</td><td>{timings[s]}</td></tr>"
-                     for s in STAGES)
-    write_report(run, out / "report.html", metrics, title=f"iso3d demo: held-out object {uid}",
-                 extra="<h2>Stages</h2><table><tr><th>stage</th><th>key</th><th>this run</th><th>seconds</th></tr>"
-                       f"{stages}</table><p>Ground truth renders: <code>{obj_dir}</code></p>")
+    from pipelines.report import write_demo_report
+    write_demo_report(summary, out / "report.html")
     return summary
 
 
@@ -205,6 +306,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(DemoConfig, args.config, args.overrides)
+        check_settings(cfg)
         args.output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, args.output / "config.yaml")
         t = time.time()
@@ -212,7 +314,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("object", "2d", "3d", "seconds", "cached", "keys")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("objects", "seconds", "cached", "keys")}, indent=1))
     print(f"demo: {time.time() - t:.0f} s; report: {args.output / 'report.html'}", file=sys.stderr)
     return 0
 

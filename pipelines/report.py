@@ -45,6 +45,47 @@ def _metrics_table(metrics: dict) -> str:
     return "<table><tr><th>stage</th><th>metric</th><th>value</th></tr>" + "".join(rows) + "</table>" if rows else "<p>no metrics</p>"
 
 
+LOADED_SCRIPT = """<script>
+// body[data-model-loaded]: "true" once every viewer on the page has loaded its mesh, "error" if one failed.
+const viewers = [...document.querySelectorAll('model-viewer')];
+let loaded = 0;
+viewers.forEach(v => {
+  v.addEventListener('load', () => { if (++loaded === viewers.length) document.body.dataset.modelLoaded = 'true'; });
+  v.addEventListener('error', () => { document.body.dataset.modelLoaded = 'error'; });
+});
+</script>"""
+
+
+def _viewers(meshes: list, base: Path) -> list[str]:
+    """One <model-viewer> per mesh (embedded as a data URI up to EMBED_LIMIT), with the script that marks
+    the page loaded; or a note per mesh when model-viewer is not installed or the mesh is missing."""
+    if not MODEL_VIEWER.is_file() or any(m is None for m in meshes):
+        return ["<p>Interactive view unavailable: <code>pipelines/web/node_modules</code> is not installed "
+                "(<code>make setup</code> installs it with npm) or the run has no mesh.glb.</p>"] * len(meshes)
+    shutil.copyfile(MODEL_VIEWER, base / MODEL_VIEWER.name)
+    tags = []
+    for mesh in meshes:
+        src = ("data:model/gltf-binary;base64," + base64.b64encode(mesh.read_bytes()).decode()) \
+            if mesh.stat().st_size <= EMBED_LIMIT else _rel(mesh, base)
+        tags.append(f'<model-viewer src="{src}" alt="generated mesh" camera-controls auto-rotate shadow-intensity="0.6" '
+                    'exposure="1.1" style="width:400px;height:400px;background:#fff"></model-viewer>')
+    tags[0] = f'<script src="{MODEL_VIEWER.name}"></script>\n' + tags[0]
+    tags[-1] += "\n" + LOADED_SCRIPT
+    return tags
+
+
+def _figure(path, base: Path, caption: str, height: int = 192) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    return (f'<figure><img src="{_rel(Path(path), base)}" style="image-rendering:pixelated;height:{height}px">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1100px} figure{display:inline-block;margin:0 1em 1em 0}
+table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}
+.met{color:#070} .missed{color:#b00}</style>"""
+
+
 def write_report(run_dir: Path, output: Path, metrics: dict | None = None, title: str = "iso3d generation",
                  extra: str = "") -> Path:
     run_dir, output = Path(run_dir).resolve(), Path(output).resolve()
@@ -54,37 +95,21 @@ def write_report(run_dir: Path, output: Path, metrics: dict | None = None, title
     turntable = next(run_dir.glob("turntable.*"), None)
     if metrics is None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
-    if MODEL_VIEWER.is_file() and mesh is not None:
-        shutil.copyfile(MODEL_VIEWER, base / MODEL_VIEWER.name)
-        size = mesh.stat().st_size
-        src = ("data:model/gltf-binary;base64," + base64.b64encode(mesh.read_bytes()).decode()) if size <= EMBED_LIMIT \
-            else _rel(mesh, base)
-        viewer = (f'<script src="{MODEL_VIEWER.name}"></script>\n'
-                  f'<model-viewer id="mesh" src="{src}" alt="generated mesh" camera-controls auto-rotate '
-                  'shadow-intensity="0.6" exposure="1.1" style="width:480px;height:480px;background:#fff"></model-viewer>\n'
-                  "<script>const mv = document.getElementById('mesh');\n"
-                  "mv.addEventListener('load', () => { document.body.dataset.modelLoaded = 'true'; });\n"
-                  "mv.addEventListener('error', () => { document.body.dataset.modelLoaded = 'error'; });</script>")
-    else:
-        viewer = ("<p>Interactive view unavailable: <code>pipelines/web/node_modules</code> is not installed "
-                  "(<code>make setup</code> installs it with npm) or the run has no mesh.glb.</p>")
+    viewer = _viewers([mesh], base)
     images = []
     for label, path in (("input + 4 sampled views (multiview.png)", run_dir / "multiview.png"),
                         ("turntable", turntable), ("3D optimisation, last validation", max(run_dir.glob("validation/*.png"), default=None))):
-        if path is not None and Path(path).is_file():
-            images.append(f'<figure><img src="{_rel(Path(path), base)}" style="image-rendering:pixelated;height:192px">'
-                          f"<figcaption>{html.escape(label)}</figcaption></figure>")
+        images.append(_figure(path, base, label))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} figure{{display:inline-block;margin:0 1em 1em 0}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head>
+{STYLE}</head>
 <body data-model-loaded="pending">
 <h1>{html.escape(title)}</h1>
 <p>Run: <code>{html.escape(str(run_dir))}</code></p>
 <h2>Images</h2>
 {''.join(images)}
 <h2>Mesh (<a href="{_rel(mesh, base) if mesh else ''}">mesh.glb</a>)</h2>
-{viewer}
+{viewer[0]}
 <h2>Metrics</h2>
 {_metrics_table(metrics or {})}
 {extra}
@@ -92,6 +117,66 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 10px;
 """
     atomic_write_text(output, page)
     return output
+
+
+def write_demo_report(summary: dict, output: Path) -> Path:
+    """The demo's page: per object (seen, held out) the ground truth, the model's sampled views and the
+    NeRF's renders at the same cameras (comparison.png), the mesh in a 3D viewer, the metrics against the
+    demo's targets; then each stage's time from the run that did its work."""
+    output = Path(output).resolve()
+    base = output.parent
+    roles = list(summary["objects"])
+    runs = [Path(summary["objects"][r]["run"]) for r in roles]
+    viewers = _viewers([next(run.glob("mesh.glb"), None) for run in runs], base)
+    sections = []
+    for role, run, viewer in zip(roles, runs, viewers):
+        obj = summary["objects"][role]
+        rows = "".join(
+            f"<tr><td>{html.escape(path)}</td><td>{_fmt(t['value'])}</td><td>{html.escape(t['target'])}</td>"
+            f"<td class=\"{'met' if t['met'] else 'missed'}\">{'met' if t['met'] else 'not met'}</td></tr>"
+            for path, t in obj["targets"].items())
+        label = "seen in training" if role == "seen" else "held out of training"
+        sections.append(
+            f"<h2>{html.escape(obj['object'])} ({label})</h2>\n"
+            + _figure(run / "comparison.png", base, "rows: ground truth, the model's 4 sampled views, the NeRF's renders "
+                      "(azimuths 0, 90, 180, 270)", 288)
+            + _figure(next(run.glob("turntable.*"), None), base, "turntable", 192)
+            + f"\n<p><a href=\"{_rel(run / 'mesh.glb', base)}\">mesh.glb</a> &middot; run <code>{html.escape(str(run))}</code></p>\n"
+            + viewer
+            + "<table><tr><th>metric</th><th>value</th><th>demo target</th><th></th></tr>" + rows + "</table>\n"
+            + _metrics_table({k: obj[k] for k in ("2d", "3d")}))
+    cond = summary.get("conditioning", {})
+    cond_rows = "".join(
+        f"<tr><td>{html.escape(summary['objects'][r]['object'])}</td>"
+        + "".join(f"<td>{_fmt(c['psnr_against'][o])}</td>" for o in roles)
+        + f"<td class=\"{'met' if c['own_is_closest'] else 'missed'}\">{'yes' if c['own_is_closest'] else 'no'}</td></tr>"
+        for r, c in cond.items())
+    cond_table = ("<h2>Does the condition matter?</h2><p>PSNR (dB) of each object's sampled views (same noise seed) "
+                  "against each object's ground truth.</p><table><tr><th>samples of</th>"
+                  + "".join(f"<th>vs {html.escape(summary['objects'][o]['object'])}</th>" for o in roles)
+                  + "<th>closest to its own</th></tr>" + cond_rows + "</table>") if cond else ""
+    stage_rows = "".join(
+        f"<tr><td>{name}</td><td>{summary['keys'][name]}</td><td>{'reused' if info['cached'] else 'ran'}</td>"
+        f"<td>{_fmt(info['seconds'])}</td></tr>" for name, info in summary["stages"].items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>iso3d demo</title>
+{STYLE}</head>
+<body data-model-loaded="pending">
+<h1>iso3d demo: the tiny model on the procedural objects</h1>
+{''.join(sections)}
+{cond_table}
+<h2>Stages</h2>
+<table><tr><th>stage</th><th>key</th><th>this run</th><th>seconds (of the run that did the work)</th></tr>{stage_rows}</table>
+</body></html>
+"""
+    atomic_write_text(output, page)
+    return output
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape("n/a" if value is None else str(value))
 
 
 def main(argv=None) -> int:

@@ -37,19 +37,44 @@ def demo(tmp_path_factory):
     return out, run(out)
 
 
-def test_demo_writes_mesh_metrics_and_report(demo):
+def test_demo_writes_meshes_metrics_and_report_for_a_seen_and_a_held_out_object(demo):
     out, summary = demo
-    assert summary["object"] == "demo2-0-002-cylinder" and not any(summary["cached"].values())
+    objects = summary["objects"]
+    assert objects["seen"]["object"] == "demo2-0-000-box" and objects["held_out"]["object"] == "demo2-0-002-cylinder"
+    assert not any(summary["cached"].values()) and all(s > 0 for s in summary["seconds"].values())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["2d"]["psnr"] > 0 and metrics["3d"]["psnr"] > 0
-    assert -1 <= metrics["2d"]["ssim"] <= 1 and -1 <= metrics["3d"]["ssim"] <= 1
-    assert 0 <= metrics["3d"]["silhouette_iou"] <= 1 and 0 <= metrics["3d"]["volume_iou"] <= 1
-    assert metrics["3d"]["chamfer"] > 0
-    run_dir = ROOT / metrics["run"] if not os.path.isabs(metrics["run"]) else metrics["run"]
-    assert (os.path.isfile(os.path.join(run_dir, "mesh.glb")) and os.path.isfile(os.path.join(run_dir, "turntable.gif")))
+    for role in ("seen", "held_out"):
+        m = metrics["objects"][role]
+        assert m["2d"]["psnr"] > 0 and m["3d"]["psnr"] > 0
+        assert -1 <= m["2d"]["ssim"] <= 1 and -1 <= m["3d"]["ssim"] <= 1
+        assert 0 <= m["3d"]["silhouette_iou"] <= 1 and 0 <= m["3d"]["volume_iou"] <= 1
+        assert m["3d"]["chamfer"] > 0 and 0 <= m["3d"]["colour_error"] <= 1
+        assert set(m["targets"]) == {"2d.psnr", "3d.silhouette_iou", "3d.volume_iou", "3d.colour_error"}
+        assert m["targets"]["3d.volume_iou"]["value"] == m["3d"]["volume_iou"]
+        run_dir = m["run"]
+        for name in ("mesh.glb", "turntable.gif", "comparison.png"):
+            assert os.path.isfile(os.path.join(run_dir, name)), name
     html = (out / "report.html").read_text()
-    assert "<model-viewer" in html and "silhouette_iou" in html and "multiview.png" in html
+    assert html.count("<model-viewer ") == 2 and "silhouette_iou" in html and html.count("comparison.png") == 2
+    assert "demo target" in html and "held out of training" in html
     assert not list(out.glob("*.partial"))
+
+
+def test_logs_are_plain_lines_and_commands_name_final_paths(demo):
+    out, _ = demo
+    stage1 = (out / "logs" / "stage1.log").read_text()
+    assert "\r" not in stage1 and "stage 1: 100%" in stage1
+    for cmd in out.glob("*-*/**/cmd.txt"):
+        assert ".partial" not in cmd.read_text(), cmd
+
+
+def test_bad_setting_fails_before_anything_is_written(demo):
+    out, _ = demo
+    before = (out / "config.yaml").read_text()
+    r = subprocess.run([sys.executable, SCRIPT, "--output", str(out), *SMALL, "stage1.overrides=[lr_schedule=cosine]"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cosine" in r.stderr.strip().splitlines()[-1]
+    assert (out / "config.yaml").read_text() == before
 
 
 def test_second_run_reuses_everything(demo):
@@ -58,7 +83,8 @@ def test_second_run_reuses_everything(demo):
     again = run(out)
     assert all(again["cached"].values())
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps     # no stage redid its work
-    assert again["3d"] == first["3d"]
+    assert again["objects"] == first["objects"]
+    assert again["seconds"] == first["seconds"]                     # the times of the run that did the work
 
 
 def test_changed_3d_setting_redoes_only_the_3d_stage(demo):
