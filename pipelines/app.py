@@ -1,0 +1,179 @@
+"""A web app for image to 3D: drop an image, pick a checkpoint, press Generate (Gradio, on 127.0.0.1).
+
+    python pipelines/app.py                                   # the demo's checkpoint, http://127.0.0.1:7860
+    python pipelines/app.py --checkpoint runs/stage2 --port 8000
+    python pipelines/app.py --host 0.0.0.0                    # other machines may connect: only when you mean it
+    python pipelines/app.py --steps 200 export.threshold=8    # settings for every request (generate.py's)
+
+Each request runs `pipelines/generate.py` in its own process with the same output folder and cache as
+the command line (default outputs/app/): a second request for the same image, checkpoint and settings
+returns the finished result at once; a request that was interrupted resumes. The uploaded image is
+saved under its content hash (inputs/<sha256>.png), so its result is found again whatever the file was
+called. While the 3D stage runs the page shows the step, the losses and the field's latest validation
+views; then the 4 sampled views, the turntable, the mesh in a 3D viewer and a download of mesh.glb.
+A bad image is refused with generate.py's one-line message before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from a clone without install
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")     # nothing leaves the machine
+
+from optimize3d.inputs import InputImageError, load_input_image  # noqa: E402
+
+DEFAULT_OUTPUT = ROOT / "outputs" / "app"
+DEMO_RUN = ROOT / "outputs" / "demo-run"
+POLL_SECONDS = 1.0
+
+
+def checkpoints(extra: list[Path]) -> list[str]:
+    """The checkpoints offered: those given, then the demo's stage-2 and stage-1 runs (newest first)."""
+    found = [str(p) for p in extra]
+    for pattern in ("stage2-*/checkpoints/step-*", "stage1-*/checkpoints/step-*"):
+        runs = sorted(DEMO_RUN.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        found += [str(p) for p in runs if (p / "config.json").is_file() and str(p) not in found]
+    return found
+
+
+def save_upload(path: str, inputs: Path) -> Path:
+    """The upload under its content hash: the same picture always maps to the same cached result."""
+    data = Path(path).read_bytes()
+    suffix = Path(path).suffix.lower() or ".png"
+    target = inputs / f"{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    if not target.is_file():
+        inputs.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    return target
+
+
+def progress_of(output: Path, stem: str) -> tuple[str, str | None]:
+    """(step and losses, latest validation image) of the run being built for `stem`, if any."""
+    work = max(output.glob(f"{stem}-*.partial"), key=lambda p: p.stat().st_mtime, default=None)
+    if work is None:
+        return "starting", None
+    text = "sampling the 2D views" if not (work / "multiview.png").is_file() else "3D stage starting"
+    losses = work / "losses.jsonl"
+    if losses.is_file():
+        lines = losses.read_text().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            text = "3D stage, " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items())
+    image = max(work.glob("validation/*.png"), default=None)
+    return text, None if image is None else str(image)
+
+
+def run_generate(image: Path, checkpoint: str, output: Path, extra: list[str]):
+    """generate.py in its own process; yields (status, validation image) while it runs, then returns its
+    result dict (generate.py's JSON) or raises RuntimeError with its one-line error."""
+    cmd = [sys.executable, str(ROOT / "pipelines" / "generate.py"), "--image", str(image), "--checkpoint", checkpoint,
+           "--output", str(output), "--no-progress", *extra]
+    log = output / "logs" / f"{image.stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
+        while proc.poll() is None:
+            yield progress_of(output, image.stem)
+            time.sleep(POLL_SECONDS)
+        stdout = proc.stdout.read().decode()
+    if proc.returncode != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if "error:" in line]
+        raise RuntimeError(lines[-1].split("error:", 1)[1].strip() if lines else f"generate.py failed (log {log})")
+    return json.loads(stdout)
+
+
+def build_app(output: Path, offered: list[str], extra: list[str]):
+    import gradio as gr
+
+    def generate(upload, checkpoint):
+        if upload is None:
+            raise gr.Error("drop an image first")
+        if not checkpoint:
+            raise gr.Error("no checkpoint: give --checkpoint, or run `make demo` first")
+        try:
+            load_input_image(Path(upload))                 # the CLI's check and message, before any model loads
+        except InputImageError as e:
+            raise gr.Error(str(e))
+        image = save_upload(upload, output / "inputs")
+        runs = run_generate(image, checkpoint, output, extra)
+        try:
+            while True:
+                status, validation = next(runs)
+                yield status, validation, None, None, None, None
+        except StopIteration as done:
+            result = done.value
+        except RuntimeError as e:
+            raise gr.Error(str(e))
+        run = Path(result["output"])
+        turntable = next(run.glob("turntable.*"), None)
+        status = f"{'cached' if result['status'] == 'cached' else 'done'}: {run}"
+        yield (status, max(run.glob("validation/*.png"), default=None), str(run / "multiview.png"),
+               None if turntable is None else str(turntable), str(run / "mesh.glb"), str(run / "mesh.glb"))
+
+    def show_mesh(path):
+        # The viewer gets its value once, from a plain (non-generator) event: Gradio 6.31's Model3D, set by a
+        # generator's last yield, receives it twice and never mounts its 3D canvas.
+        return path
+
+    with gr.Blocks(title="iso3d: image to 3D", analytics_enabled=False) as app:
+        gr.Markdown("# iso3d: image to 3D\nDrop an image of one object (RGBA, or on a plain white background), "
+                    "pick a checkpoint, press Generate.")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.Image(type="filepath", label="input image", image_mode=None, elem_id="input-image",
+                                  height=256)
+                checkpoint = gr.Dropdown(offered, value=offered[0] if offered else None, allow_custom_value=True,
+                                         label="checkpoint (a checkpoint or run directory)", elem_id="checkpoint")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.Textbox(label="progress", interactive=False, elem_id="status")
+                validation = gr.Image(label="3D stage: latest validation views (albedo, normals)", interactive=False,
+                                      height=256, elem_id="validation")
+            with gr.Column():
+                views = gr.Image(label="input + the model's 4 sampled views", interactive=False, elem_id="views", height=160)
+                turntable = gr.Image(label="turntable", interactive=False, elem_id="turntable", height=256)
+                mesh = gr.Model3D(label="mesh", elem_id="mesh", clear_color=(1.0, 1.0, 1.0, 1.0), height=400)
+                download = gr.File(label="download mesh.glb", interactive=False, elem_id="download")
+        result = gr.State()
+        button.click(generate, [upload, checkpoint], [status, validation, views, turntable, result, download]) \
+              .then(show_mesh, [result], [mesh])
+    return app
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, action="append", default=[],
+                   help="a checkpoint (or run) directory to offer first; repeatable (default: the demo's)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results and cache (default: outputs/app)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--steps", type=int, help="generate.py --steps for every request")
+    p.add_argument("overrides", nargs="*", help="generate.py key=value settings for every request")
+    args = p.parse_args(argv)
+    for ck in args.checkpoint:
+        if not ck.is_dir():
+            print(f"app.py: error: --checkpoint {ck}: not a directory", file=sys.stderr)
+            return 2
+    extra = (["--steps", str(args.steps)] if args.steps else []) + args.overrides
+    offered = checkpoints(args.checkpoint)
+    if not offered:
+        print("app.py: no checkpoint found (give --checkpoint, or run `make demo`); one can be typed in the page",
+              file=sys.stderr)
+    app = build_app(args.output.resolve(), offered, extra)
+    app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
+                       allowed_paths=[str(args.output.resolve())])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
