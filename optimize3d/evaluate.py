@@ -138,6 +138,12 @@ def sampled_view_pairs(run_dir: Path, obj) -> list[tuple[np.ndarray, np.ndarray]
             for i, v in enumerate(views)]
 
 
+def sample_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The 2D stage's metrics from sampled_view_pairs."""
+    return {"psnr": float(np.mean([psnr(a, b) for a, b in pairs])), "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+            "views": len(pairs), "size": int(pairs[0][0].shape[0])}
+
+
 def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | None = None) -> dict:
     from dataset.views import RenderedObject
     run_dir, gt_object_dir = Path(run_dir), Path(gt_object_dir)
@@ -152,8 +158,7 @@ def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | 
     mesh = load_mesh(run_dir / "mesh.glb")
     truth = load_mesh(Path(gt_mesh))
     metrics = {
-        "2d": {"psnr": float(np.mean([psnr(a, b) for a, b in pairs2d])),
-               "ssim": float(np.mean([ssim(a, b) for a, b in pairs2d])), "views": 4, "size": size2d},
+        "2d": sample_metrics(pairs2d),
         "3d": {"psnr": float(np.mean([psnr(rgb[i], gt[i][0]) for i in range(len(rgb))])),
                "ssim": float(np.mean([ssim(rgb[i], gt[i][0]) for i in range(len(rgb))])),
                "silhouette_iou": float(np.mean([mask_iou(opacity[i] > 0.5, gt[i][1]) for i in range(len(rgb))])),

@@ -268,15 +268,30 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
     stage2 = timed("stage2", train(2, cfg.stage2, latest_checkpoint(stage1)))
 
     def generate(w: Path):
-        from optimize3d.evaluate import evaluate_run
+        from dataset.views import RenderedObject
+        from optimize3d.evaluate import evaluate_run, sample_metrics, sampled_view_pairs
         for role, uid in chosen.items():
             obj_dir = render_dir / "objects" / uid
             (w / role).mkdir(exist_ok=True)
             image = w / role / f"{uid}.png"
             shutil.copyfile(obj_dir / "fixed" / "000.png", image)   # azimuth 0: the run's frame is the object's
-            run_script("generate.py", ["--image", image, "--checkpoint", latest_checkpoint(stage2), "--output", w / role,
-                                       "--steps", cfg.generate.steps, *cfg.generate.overrides],
-                       log_dir / "generate.log", console)
+            try:
+                run_script("generate.py", ["--image", image, "--checkpoint", latest_checkpoint(stage2), "--output",
+                                           w / role, "--steps", cfg.generate.steps, *cfg.generate.overrides],
+                           log_dir / "generate.log", console)
+            except RuntimeError as e:
+                # A 3D stage that ends without a surface (an empty field) is a result to report beside the other
+                # object's, not a reason to lose it; a failure before the sampled views were written is not.
+                run = next((p for p in (w / role).iterdir() if p.is_dir() and (p / "multiview.png").is_file()), None)
+                if run is None:
+                    raise
+                reason = next((line.split("error:", 1)[1].strip() for line in reversed(str(e).splitlines())
+                               if "error:" in line), str(e).splitlines()[0])
+                log.warning("%s (%s): generate.py failed: %s", uid, role, reason)
+                metrics = {"2d": sample_metrics(sampled_view_pairs(run, RenderedObject.open(obj_dir))), "3d": {},
+                           "error": reason}
+                atomic_write_json(run / "metrics.json", metrics)
+                continue
             run = next(p for p in (w / role).iterdir() if p.is_dir() and (p / "mesh.glb").is_file())
             evaluate_run(run, obj_dir, render_dir / "sources" / "demo" / f"{uid}.glb")
 
@@ -287,6 +302,8 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
         metrics = json.loads((run / "metrics.json").read_text())
         objects[role] = {"object": uid, "run": str(run), "ground_truth": str(render_dir / "objects" / uid),
                          "2d": metrics["2d"], "3d": metrics["3d"], "targets": targets_met(metrics)}
+        if "error" in metrics:
+            objects[role]["error"] = metrics["error"]
     summary = {"objects": objects, "conditioning": conditioning_check(objects), "stages": stages, "keys": keys,
                "seconds": {s: stages[s]["seconds"] for s in STAGES}, "cached": {s: stages[s]["cached"] for s in STAGES}}
     atomic_write_json(out / "metrics.json", summary)

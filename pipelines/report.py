@@ -59,6 +59,8 @@ viewers.forEach(v => {
 def _viewers(meshes: list, base: Path) -> list[str]:
     """One <model-viewer> per mesh (embedded as a data URI up to EMBED_LIMIT), with the script that marks
     the page loaded; or a note per mesh when model-viewer is not installed or the mesh is missing."""
+    if not meshes:
+        return []
     if not MODEL_VIEWER.is_file() or any(m is None for m in meshes):
         return ["<p>Interactive view unavailable: <code>pipelines/web/node_modules</code> is not installed "
                 "(<code>make setup</code> installs it with npm) or the run has no mesh.glb.</p>"] * len(meshes)
@@ -127,7 +129,9 @@ def write_demo_report(summary: dict, output: Path) -> Path:
     base = output.parent
     roles = list(summary["objects"])
     runs = [Path(summary["objects"][r]["run"]) for r in roles]
-    viewers = _viewers([next(run.glob("mesh.glb"), None) for run in runs], base)
+    meshes = [next(run.glob("mesh.glb"), None) for run in runs]
+    tags = iter(_viewers([m for m in meshes if m is not None], base))
+    viewers = [next(tags) if m is not None else "" for m in meshes]
     sections = []
     for role, run, viewer in zip(roles, runs, viewers):
         obj = summary["objects"][role]
@@ -138,11 +142,13 @@ def write_demo_report(summary: dict, output: Path) -> Path:
         label = "seen in training" if role == "seen" else "held out of training"
         sections.append(
             f"<h2>{html.escape(obj['object'])} ({label})</h2>\n"
-            + _figure(run / "comparison.png", base, "rows: ground truth, the model's 4 sampled views, the NeRF's renders "
-                      "(azimuths 0, 90, 180, 270)", 288)
+            + (_figure(run / "comparison.png", base, "rows: ground truth, the model's 4 sampled views, the NeRF's renders "
+                       "(azimuths 0, 90, 180, 270)", 288) if (run / "comparison.png").is_file() else
+               _figure(run / "multiview.png", base, "the input and the model's 4 sampled views", 96))
             + _figure(next(run.glob("turntable.*"), None), base, "turntable", 192)
-            + f"\n<p><a href=\"{_rel(run / 'mesh.glb', base)}\">mesh.glb</a> &middot; run <code>{html.escape(str(run))}</code></p>\n"
-            + viewer
+            + (f"\n<p class=\"missed\">The 3D stage gave no mesh: {html.escape(obj['error'])}</p>\n" if "error" in obj else
+               f"\n<p><a href=\"{_rel(run / 'mesh.glb', base)}\">mesh.glb</a> &middot; run <code>{html.escape(str(run))}</code></p>\n"
+               + viewer)
             + "<table><tr><th>metric</th><th>value</th><th>demo target</th><th></th></tr>" + rows + "</table>\n"
             + _metrics_table({k: obj[k] for k in ("2d", "3d")}))
     cond = summary.get("conditioning", {})

@@ -102,6 +102,17 @@ def test_force_redoes_that_stage_and_what_follows(demo):
     assert forced["cached"] == {"render": True, "stage1": True, "stage2": False, "generate": False}
 
 
+def test_an_object_without_a_surface_is_reported_and_the_demo_goes_on(demo):
+    out, _ = demo
+    summary = run(out, "generate.overrides=[val_every=4,ckpt_every=2,preview_steps=2,export.resolution=32,"
+                       "export.threshold=1e9,export.turntable_frames=4,export.turntable_size=32]")
+    for obj in summary["objects"].values():
+        assert "no surface" in obj["error"] and obj["2d"]["psnr"] > 0 and obj["3d"] == {}
+        assert not any(t["met"] for name, t in obj["targets"].items() if name.startswith("3d."))
+    html = (out / "report.html").read_text()
+    assert html.count("gave no mesh") == 2 and "<model-viewer " not in html
+
+
 def test_changed_render_setting_rerenders_and_retrains(demo):
     out, first = demo
     changed = run(out, "render.samples=2")
