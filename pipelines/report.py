@@ -66,10 +66,10 @@ def _viewers(meshes: list, base: Path) -> list[str]:
                 "(<code>make setup</code> installs it with npm) or the run has no mesh.glb.</p>"] * len(meshes)
     shutil.copyfile(MODEL_VIEWER, base / MODEL_VIEWER.name)
     tags = []
-    for mesh in meshes:
+    for mesh in meshes:       # loading="eager": a viewer below the fold would otherwise wait to be scrolled to
         src = ("data:model/gltf-binary;base64," + base64.b64encode(mesh.read_bytes()).decode()) \
             if mesh.stat().st_size <= EMBED_LIMIT else _rel(mesh, base)
-        tags.append(f'<model-viewer src="{src}" alt="generated mesh" camera-controls auto-rotate shadow-intensity="0.6" '
+        tags.append(f'<model-viewer loading="eager" src="{src}" alt="generated mesh" camera-controls auto-rotate shadow-intensity="0.6" '
                     'exposure="1.1" style="width:400px;height:400px;background:#fff"></model-viewer>')
     tags[0] = f'<script src="{MODEL_VIEWER.name}"></script>\n' + tags[0]
     tags[-1] += "\n" + LOADED_SCRIPT
