@@ -1,9 +1,9 @@
 # make setup   create .venv with every dependency (pinned; see constraints.txt)
-# make demo    pipelines/demo.py: render the built-in procedural objects with Blender through Ray, fine-tune
-#              the tiny model (stage 1, stage 2), turn a held-out object's image into a mesh, evaluate,
-#              write outputs/demo-run/report.html (about 12 minutes on 2 CPU cores; cached afterwards)
+# make demo    pipelines/demo.py: render the 8 built-in procedural objects with Blender through Ray, fine-tune
+#              the tiny model (stage 1, stage 2), turn a seen and a held-out object's image into meshes, evaluate,
+#              write outputs/demo-run/report.html (13.5 minutes measured on 2 CPU cores; cached afterwards)
 # make test    the test suite (real Blender, real Ray on 127.0.0.1); what CI runs
-# make setup-browser  Debian's chromium, for the test that opens report.html (needs root; CI runs it)
+# make setup-browser  Debian's chromium, for the tests that open report.html and the web app (needs root; CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

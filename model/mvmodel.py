@@ -142,7 +142,7 @@ def released_preview_features(views: int = 4, elevation: float = 15.0) -> torch.
 
 
 def noise_schedule(prediction_type: str = "epsilon") -> DDPMScheduler:
-    """SD 2.1 / MVDream: scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon prediction."""
+    """SD 2.1 / MVDream: scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon prediction (v for tiny)."""
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
 
