@@ -1,4 +1,5 @@
-"""report.html for a generation run: input, sampled views, turntable, interactive mesh, metrics.
+"""report.html for a generation run: input, sampled views, turntable, interactive mesh, metrics; and the
+demo's page (write_demo_report: a seen and a held-out object side by side with their ground truth).
 
     python pipelines/report.py RUN_DIR [--output report.html]      # RUN_DIR: one generate.py output
 
@@ -88,8 +89,7 @@ table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 10px;tex
 .met{color:#070} .missed{color:#b00}</style>"""
 
 
-def write_report(run_dir: Path, output: Path, metrics: dict | None = None, title: str = "iso3d generation",
-                 extra: str = "") -> Path:
+def write_report(run_dir: Path, output: Path, metrics: dict | None = None, title: str = "iso3d generation") -> Path:
     run_dir, output = Path(run_dir).resolve(), Path(output).resolve()
     base = output.parent
     base.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,6 @@ def write_report(run_dir: Path, output: Path, metrics: dict | None = None, title
 {viewer[0]}
 <h2>Metrics</h2>
 {_metrics_table(metrics or {})}
-{extra}
 </body></html>
 """
     atomic_write_text(output, page)
