@@ -16,7 +16,6 @@ A bad image is refused with generate.py's one-line message before any model is l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -28,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a clone without install
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")     # nothing leaves the machine
 
-from optimize3d.inputs import InputImageError, load_input_image  # noqa: E402
+from common.atomic import atomic_write_bytes  # noqa: E402
+from optimize3d.inputs import InputImageError, image_digest, load_input_image  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "outputs" / "app"
 DEMO_RUN = ROOT / "outputs" / "demo-run"
@@ -46,14 +46,9 @@ def checkpoints(extra: list[Path]) -> list[str]:
 
 def save_upload(path: str, inputs: Path) -> Path:
     """The upload under its content hash: the same picture always maps to the same cached result."""
-    data = Path(path).read_bytes()
-    suffix = Path(path).suffix.lower() or ".png"
-    target = inputs / f"{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    target = inputs / f"{image_digest(Path(path))[:16]}{Path(path).suffix.lower() or '.png'}"
     if not target.is_file():
-        inputs.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        atomic_write_bytes(target, Path(path).read_bytes())
     return target
 
 
