@@ -79,6 +79,15 @@ class ModelConfig:
     def sd21() -> "ModelConfig":
         return ModelConfig()
 
+    @staticmethod
+    def small() -> "ModelConfig":
+        """Exactly sd21's code paths at a size a CPU trains in seconds: a diffusers AutoencoderKL (2 levels,
+        32 px -> 16x16x4 latents; its folder is model.vae_path), an open_clip tower from a weights file
+        (model.encoder.weights; the tiny ViT's layout), gradient checkpointing, epsilon prediction, the raw
+        embedding. For testing the full-size path, not for results: tiny is the preset that learns on a CPU."""
+        return ModelConfig(unet=UNetConfig.small(), encoder=EncoderConfig.tiny(), latent="vae",
+                           vae_block_out_channels=[32, 64], vae_layers_per_block=1, image_size=32)
+
     def validate(self) -> None:
         """Checks that need no file read beyond existence: run before any long work starts."""
         from model.encoder import TINY_MODEL

@@ -74,6 +74,15 @@ class TrainConfig:
                            sample_steps=20, guidance=2.0, val_percent=0.0, standardize_embeddings=True)
 
     @staticmethod
+    def small(stage: int = 1) -> "TrainConfig":
+        """sd21's training code paths (VAE latents, bf16 autocast, gradient checkpointing, accumulation with
+        no_sync, constant-then-linear schedules) on ModelConfig.small(): seconds on a CPU."""
+        return TrainConfig(model=ModelConfig.small(), data=SampleConfig(image_size=32), stage=stage, batch_size=2,
+                           grad_accum=2, lr=1e-4 if stage == 1 else 1e-5, warmup_steps=2 if stage == 1 else 0,
+                           lr_schedule="constant" if stage == 1 else "linear", max_steps=4 if stage == 1 else 2,
+                           mixed_precision="bf16", val_percent=0.0, val_every=100, ckpt_every=2, sample_steps=4)
+
+    @staticmethod
     def sd21(stage: int = 1) -> "TrainConfig":
         """The paper: stage 1 constant lr after 10k warm-up steps, batch 768 (accumulation 4), 50k steps;
         stage 2 linear, batch 128, 5k steps. batch_size is per worker: set it to total / (workers * accum)."""

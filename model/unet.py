@@ -56,6 +56,12 @@ class UNetConfig:
                           attention_head_dim=[2, 4], cross_attention_dim=64, norm_num_groups=8,
                           gradient_checkpointing=False)
 
+    @staticmethod
+    def small() -> "UNetConfig":
+        """The tiny layout on 16x16x4 VAE latents, with sd21's gradient checkpointing."""
+        return UNetConfig(**{**UNetConfig.tiny().__dict__, "sample_size": 16, "in_channels": 4, "out_channels": 4,
+                             "gradient_checkpointing": True})
+
 
 class MultiViewAttnProcessor:
     """Self-attention over the tokens of all `num_views` views of each object (set before forward)."""

@@ -27,12 +27,16 @@ from model import checkpoint  # noqa: E402
 from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from model.train import TrainConfig, train  # noqa: E402
 
+PRESETS = ("tiny", "small", "sd21")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
-    p.add_argument("--config", default="tiny", help="tiny | sd21 | PATH.yaml (TrainConfig fields over the tiny preset)")
+    p.add_argument("--config", default="tiny", help="tiny | small | sd21 | PATH.yaml (TrainConfig fields over the tiny "
+                   "preset). small: sd21's code paths at CPU size, for tests (needs model.vae_path and "
+                   "model.encoder.weights, or an --init checkpoint that brings them)")
     p.add_argument("--data", type=Path, required=True, help="a render output (pipelines/render_objaverse.py --output)")
     p.add_argument("--output", type=Path, required=True, help="run directory")
     p.add_argument("--init", help="where to start from: a checkpoint directory (its whole model configuration comes "
@@ -51,12 +55,12 @@ def parse_args(argv=None):
 def resolve(args) -> tuple[TrainConfig, str | None]:
     """The run's configuration and the checkpoint directory it starts from. Layers: the preset, then the
     --init checkpoint's model configuration, then the --config file, then the command line."""
-    if args.config in ("tiny", "sd21"):
+    if args.config in PRESETS:
         base, path = getattr(TrainConfig, args.config)(args.stage), None
     elif Path(args.config).is_file():
         base, path = TrainConfig.tiny(args.stage), Path(args.config)
     else:
-        raise ValueError(f"--config {args.config}: neither a preset (tiny, sd21) nor a YAML file")
+        raise ValueError(f"--config {args.config}: neither a preset ({', '.join(PRESETS)}) nor a YAML file")
     overrides = [f"stage={args.stage}"] + ([f"max_steps={args.max_steps}"] if args.max_steps else []) + args.overrides
     cfg = load_config(TrainConfig, path, overrides, base=base)
     init = None

@@ -11,8 +11,9 @@ Output per image (OUTPUT/<stem>-<key>/): config.yaml, cmd.txt, multiview.png (th
 nerf/ (resumable), validation/, mesh.glb, turntable.gif, generate.log, losses.jsonl, export.json.
 A rerun with the same image, checkpoint and settings reuses the result; a killed run resumes.
 --images runs one Ray task per image (local Ray on 127.0.0.1, or the cluster given by --address).
---config auto picks tiny or sd21 from the checkpoint's model. Extra `key.sub=value` arguments override
-GenerateConfig fields (optimize3d/optimize.py), e.g. export.threshold=8 or export.format=obj.
+--config auto picks tiny (a model of at most 64 px: the tiny and small presets) or sd21 from the
+checkpoint's model. Extra `key.sub=value` arguments override GenerateConfig fields (optimize3d/optimize.py),
+e.g. export.threshold=8 or export.format=obj.
 --views fits the same field, marcher, renderer and export to posed RGBA views by a photometric loss
 (optimize3d/reconstruct.py; overrides are ReconstructConfig fields, --config auto = tiny on a CPU, sd21
 on a GPU): a rendered object (render/'s layout) or any folder with a cameras.json in that layout.
@@ -98,10 +99,11 @@ def load_preset(cls, preset: str, args, overrides: list[str]):
 
 
 def resolve_config(args, model_cfg) -> GenerateConfig:
-    """--config auto: the tiny preset for a pixel-space model, sd21 for a VAE-latent one."""
+    """--config auto: the tiny preset (CPU scale) for a model of at most 64 px (the tiny and small models),
+    sd21 otherwise."""
     preset = args.config
     if preset == "auto":
-        preset = "tiny" if model_cfg.latent == "pixel" else "sd21"
+        preset = "tiny" if model_cfg.image_size <= 64 else "sd21"
     return load_preset(GenerateConfig, preset, args, [o for o in args.overrides if not o.startswith("model.")])
 
 

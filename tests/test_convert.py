@@ -399,5 +399,5 @@ def test_sampler_eta_one_is_seeded_and_differs_from_eta_zero():
 def test_an_unknown_config_names_the_presets(rendered_demo, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "huge",
                         "--data", str(rendered_demo), "--output", str(tmp_path / "run")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tiny, sd21" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tiny, small, sd21" in r.stderr
     assert not (tmp_path / "run").exists()
