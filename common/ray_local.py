@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -39,3 +40,47 @@ def _is_loopback(address: str) -> bool:
     from urllib.parse import urlsplit
     host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+# Filesystems every node of a cluster can mount: network and parallel filesystems, and FUSE mounts (a
+# bucket through gcsfuse/s3fs/juicefs, sshfs). Everything else (ext4, xfs, btrfs, zfs, tmpfs, overlay) is
+# taken as one machine's own disk.
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "cephfs",
+                      "glusterfs", "wekafs", "9p", "virtiofs")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (or its nearest existing parent), from /proc/mounts."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    best, kind = "", "unknown"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def is_shared_filesystem(kind: str) -> bool:
+    return kind in SHARED_FILESYSTEMS or kind.startswith("fuse")
+
+
+def require_shared_storage(paths: dict[str, Path], assume_shared: bool = False) -> None:
+    """On a Ray cluster of several nodes, refuse (ValueError, one line) a path on a node-local filesystem:
+    workers on other nodes would write into, or read from, their own disk's copy of it. Call after
+    init_ray. assume_shared: the user says the paths are shared (a filesystem this check does not know)."""
+    import ray
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or assume_shared:
+        return
+    for name, path in paths.items():
+        kind = filesystem_type(path)
+        if not is_shared_filesystem(kind):
+            raise ValueError(f"{name} {path}: on a local filesystem ({kind}) but the Ray cluster has {len(nodes)} nodes, "
+                             f"whose workers all use it; put it on storage every node mounts (NFS, Lustre, a bucket "
+                             f"through FUSE), or pass --shared-storage if it is one")

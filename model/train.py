@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -29,6 +31,8 @@ from model.encoder import ImageEncoder
 from model.mvmodel import ModelConfig, MultiViewModel
 
 log = logging.getLogger("finetune")
+RAY_POINTER = "iso3d-checkpoint.json"
+FAULT_MARKER = "fault-injected.txt"
 
 
 @dataclass
@@ -152,9 +156,17 @@ def _to(batch: dict, device) -> dict:
 
 
 def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str], resume: Optional[str],
-                 rank: int = 0, world: int = 1, ray_train: bool = False, progress: bool = True) -> dict:
+                 rank: int = 0, world: int = 1, ray_train: bool = False, progress: bool = True,
+                 kill_at: Optional[list[int]] = None) -> dict:
     cfg = from_dict(TrainConfig, cfg_dict)
     run = Path(run_dir)
+    if ray_train:
+        import ray.train
+        restored = ray.train.get_checkpoint()   # set when Ray Train restarted the workers after a failure
+        if restored is not None:
+            with restored.as_directory() as d:
+                resume = json.loads((Path(d) / RAY_POINTER).read_text())["checkpoint"]
+            log.info("rank %d: restarted by Ray Train, resuming from %s", rank, resume)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)   # identical initial weights on every rank
     model = MultiViewModel(cfg.model)
@@ -202,7 +214,7 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     from tqdm import tqdm
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"stage {cfg.stage}",
                disable=rank != 0 or not progress, dynamic_ncols=True)
-    history = []
+    history, saved = [], None
     for step in bar:
         net.train()
         total = 0.0
@@ -229,15 +241,32 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
                 writer.add_scalar("loss", total, done)
                 writer.add_scalar("lr", sched.get_last_lr()[0], done)
             if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
-                checkpoint.save(run / "checkpoints", done, model, opt, sched, {"loss": total})
+                saved = checkpoint.save(run / "checkpoints", done, model, opt, sched, {"loss": total})
             if done % cfg.val_every == 0 or done == cfg.max_steps:
                 validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
         if ray_train:
-            import ray.train
-            ray.train.report({"loss": total, "step": done})
+            report_to_ray({"loss": total, "step": done}, saved)
+            saved = None
+        if kill_at is not None and kill_at == [rank, done] and not (run / FAULT_MARKER).exists():
+            (run / FAULT_MARKER).write_text(f"rank {rank} killed itself after step {done}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
     if writer is not None:
         writer.close()
     return {"losses": history, "start": start}
+
+
+def report_to_ray(metrics: dict, saved: Optional[Path]) -> None:
+    """Every rank reports every step (Ray Train's collective); a step that saved a checkpoint reports, from
+    rank 0, a Ray checkpoint holding only the path of ours: the weights are written once, in this project's
+    format, on the run directory every node shares, and Ray hands the pointer back after a restart."""
+    import tempfile
+    import ray.train
+    if saved is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="iso3d-ray-ckpt-") as d:
+        (Path(d) / RAY_POINTER).write_text(json.dumps({"checkpoint": str(Path(saved).resolve()), **metrics}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def validation_objects(cfg: TrainConfig, data_dir: Path, store: EmbeddingStore) -> list:
@@ -271,29 +300,47 @@ def _ray_loop(config: dict) -> None:
     import ray.train
     ctx = ray.train.get_context()
     train_worker(config["cfg"], config["data_dir"], config["run_dir"], config["init"], config["resume"],
-                 rank=ctx.get_world_rank(), world=ctx.get_world_size(), ray_train=True, progress=False)
+                 rank=ctx.get_world_rank(), world=ctx.get_world_size(), ray_train=True, progress=False,
+                 kill_at=config["kill_at"])
+
+
+def connect_ray(address: Optional[str], num_workers: int, data_dir: Path, run_dir: Path, shared_storage: bool = False) -> None:
+    """Join the cluster (or start a local Ray for num_workers) and check that a cluster of several nodes
+    can share data_dir and run_dir (ValueError otherwise). Idempotent: the CLI calls it before it writes."""
+    from common.ray_local import init_ray, require_shared_storage
+    init_ray(address, num_cpus=None if address else max(num_workers, os.cpu_count() or 1))
+    require_shared_storage({"--data": Path(data_dir), "--output": Path(run_dir)}, assume_shared=shared_storage)
 
 
 def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] = None, resume: Optional[str] = None,
-          num_workers: int = 0, address: Optional[str] = None, use_gpu: bool = False) -> dict:
-    """num_workers 0: train in this process. N >= 1: Ray Train with N DDP workers (gloo on CPU)."""
+          num_workers: int = 0, address: Optional[str] = None, use_gpu: bool = False, max_failures: int = 3,
+          shared_storage: bool = False) -> dict:
+    """num_workers 0: train in this process. N >= 1: Ray Train with N DDP workers (gloo on CPU); when a worker
+    dies, Ray Train restarts them all from the last checkpoint, up to max_failures times. On a cluster of
+    several nodes, data_dir and run_dir must be on storage every node mounts (refused otherwise, unless
+    shared_storage says they are).
+
+    Fault injection for tests: ISO3D_KILL_TRAIN_WORKER=RANK:STEP makes that Ray Train worker SIGKILL itself
+    after that optimizer step, once per run directory."""
     cfg.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = dataclasses.asdict(cfg)
     if num_workers == 0:
         return train_worker(cfg_dict, str(data_dir), str(run_dir), init, resume)
-    from common.ray_local import init_ray
-    init_ray(address, num_cpus=None if address else max(num_workers, os.cpu_count() or 1))
-    from ray.train import RunConfig, ScalingConfig
+    connect_ray(address, num_workers, data_dir, run_dir, shared_storage)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    kill = os.environ.get("ISO3D_KILL_TRAIN_WORKER")
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"cfg": cfg_dict, "data_dir": str(Path(data_dir).resolve()), "run_dir": str(run_dir.resolve()),
-                           "init": init, "resume": resume},
+                           "init": init, "resume": resume, "kill_at": [int(x) for x in kill.split(":")] if kill else None},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name="ray", storage_path=str((run_dir / "ray").resolve())))
+        run_config=RunConfig(name="ray", storage_path=str((run_dir / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
     return {"metrics": result.metrics}
 

@@ -25,7 +25,7 @@ from common.atomic import atomic_write_text  # noqa: E402
 from common.config import ConfigError, load_config, save_config  # noqa: E402
 from model import checkpoint  # noqa: E402
 from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
-from model.train import TrainConfig, train  # noqa: E402
+from model.train import TrainConfig, connect_ray, train  # noqa: E402
 
 PRESETS = ("tiny", "small", "sd21")
 
@@ -48,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=0, help="0: this process; N: Ray Train DDP workers")
     p.add_argument("--address", help="Ray cluster (default: a local Ray on 127.0.0.1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--shared-storage", action="store_true", help="on a multi-node cluster, --data and --output are "
+                   "on storage every node mounts (needed only where the filesystem type does not say so)")
+    p.add_argument("--max-failures", type=int, default=3, help="Ray Train: worker failures survived (all workers "
+                   "restart from the last checkpoint) before the run fails")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     return p.parse_args(argv)
 
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg, args.init = resolve(args)
+        if args.num_workers:         # a multi-node cluster without shared storage is refused before anything is written
+            connect_ray(args.address, args.num_workers, args.data, args.output, args.shared_storage)
     except (ConfigError, ValueError, FileNotFoundError) as e:      # ConversionError is a ValueError
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
     atomic_write_text(args.output / "cmd.txt", shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]) + "\n")
     try:
         train(cfg, args.data, args.output, init=args.init, resume=args.resume, num_workers=args.num_workers,
-              address=args.address, use_gpu=args.gpu)
+              address=args.address, use_gpu=args.gpu, max_failures=args.max_failures,
+              shared_storage=args.shared_storage)
     except FileNotFoundError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2

@@ -131,6 +131,23 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_local, two_ob
     assert differ[-1] < 0.02 * moved and differ[len(differ) // 2] < 1e-5
 
 
+def test_a_killed_ray_train_worker_is_restarted_and_the_run_ends_as_an_unkilled_one(ray_local, two_objects, tmp_path,
+                                                                                  monkeypatch):
+    """Rank 1 SIGKILLs itself after optimizer step 3 (ISO3D_KILL_TRAIN_WORKER): Ray Train's FailureConfig
+    restarts both workers, they resume from the step-2 checkpoint Ray hands back, and the weights at step 4
+    are those of the same run without the kill."""
+    cfg = tiny(1, batch_size=1, max_steps=4, ckpt_every=2, lr_schedule="constant")
+    train(cfg, two_objects, tmp_path / "straight", num_workers=2)
+    monkeypatch.setenv("ISO3D_KILL_TRAIN_WORKER", "1:3")
+    train(cfg, two_objects, tmp_path / "killed", num_workers=2, max_failures=1)
+    assert (tmp_path / "killed" / "fault-injected.txt").read_text().startswith("rank 1 killed itself after step 3")
+    weights = "checkpoints/step-000004/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "straight" / weights)), load_file(str(tmp_path / "killed" / weights))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--stage", "2"], "give --init"),
     (["--stage", "1", "lr=fast"], "lr"),
