@@ -1,6 +1,6 @@
 """Training samples: 30% single-view branch, 70% multi-view branch.
 
-    ds = MultiViewDataset(objects, embeddings, image_size=32)
+    ds = MultiViewDataset(index.objects("train"), cfg=SampleConfig(image_size=32))   # prepared (dataset/prepared.py)
     loader = DataLoader(ds, batch_sampler=BranchBatchSampler(len(ds), batch_size=4, seed=0))
 
 single: reference and target are two different random-set views (V = 1).
@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from dataset.embeddings import EmbeddingStore
-from dataset.views import RenderedObject
+from dataset.prepared import ALL_VIEWS, PreparedObject
 from render.cameras import NUM_VIEWS, c2w_blender
 
 
@@ -32,10 +31,14 @@ class SampleConfig:
 
 
 class MultiViewDataset(Dataset):
-    def __init__(self, objects: list[RenderedObject], embeddings: EmbeddingStore | None, cfg: SampleConfig):
+    """Samples of rendered objects (dataset.views.RenderedObject: images from the PNGs, embeddings from
+    `embeddings.get(uid)`) or of prepared ones (dataset.prepared.PreparedObject: latents and embeddings from
+    the shards; the sample's "encoded" is then True)."""
+
+    def __init__(self, objects: list, embeddings=None, cfg: SampleConfig = None):
         if not objects:
             raise ValueError("no rendered objects to train on")
-        self.objects, self.embeddings, self.cfg = objects, embeddings, cfg
+        self.objects, self.embeddings, self.cfg = objects, embeddings, cfg or SampleConfig()
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -45,8 +48,6 @@ class MultiViewDataset(Dataset):
         obj = self.objects[index]
         rng = np.random.default_rng(seed)
         ref = int(rng.integers(NUM_VIEWS))
-        ref_az, _ = obj.angles("random", ref)
-        distance = obj.cameras["random"][ref]["distance"]
         if branch == "single":
             other = int(rng.integers(NUM_VIEWS - 1))
             targets = [("random", other + (other >= ref))]
@@ -56,24 +57,34 @@ class MultiViewDataset(Dataset):
             targets = [("fixed", (start + k * step) % NUM_VIEWS) for k in range(self.cfg.multi_views)]
         else:
             raise ValueError(f"branch {branch!r}: expected single or multi")
-        size = self.cfg.image_size
-        cams = []
-        for view_set, i in targets:
-            az, el = obj.angles(view_set, i)
-            cams.append(c2w_blender((az - ref_az) % 360.0, el, distance))
+        prepared = isinstance(obj, PreparedObject)
+        if prepared:
+            table = obj.angles().tolist()
+            angle = lambda s, i: table[ALL_VIEWS.index((s, i))]  # noqa: E731  (azimuth, elevation, distance)
+            views = obj.latents(targets + [("random", ref)])
+            target, reference, clip = views[:-1], views[-1], obj.clip(ref)
+        else:
+            angle = lambda s, i: (*obj.angles(s, i), obj.cameras[s][i]["distance"])  # noqa: E731
+            size = self.cfg.image_size
+            target = torch.stack([obj.image(s, i, size) for s, i in targets])
+            reference = obj.image("random", ref, size)
+            clip = self.embeddings.get(obj.uid)[ref] if self.embeddings is not None else None
+        ref_az, _, distance = angle("random", ref)
+        cams = [c2w_blender((angle(s, i)[0] - ref_az) % 360.0, angle(s, i)[1], distance) for s, i in targets]
         sample = {
             "uid": obj.uid,
             "branch": branch,
             "seed": seed,
+            "encoded": prepared,
             "reference_view": ref,
             "target_views": targets,
-            "target": torch.stack([obj.image(s, i, size) for s, i in targets]),
+            "target": target,
             "target_cameras": torch.tensor(np.stack(cams), dtype=torch.float32),
-            "reference": obj.image("random", ref, size),
+            "reference": reference,
             "reference_camera": torch.tensor(c2w_blender(0.0, 0.0, distance), dtype=torch.float32),
         }
-        if self.embeddings is not None:
-            sample["clip_embedding"] = self.embeddings.get(obj.uid)[ref]
+        if clip is not None:
+            sample["clip_embedding"] = clip
         return sample
 
 
@@ -105,7 +116,8 @@ class BranchBatchSampler(Sampler):
 
 
 def collate(samples: list[dict]) -> dict:
-    out = {"uid": [s["uid"] for s in samples], "branch": samples[0]["branch"], "seed": [s["seed"] for s in samples]}
+    out = {"uid": [s["uid"] for s in samples], "branch": samples[0]["branch"], "seed": [s["seed"] for s in samples],
+           "encoded": samples[0]["encoded"]}
     for key in ("target", "target_cameras", "reference", "reference_camera", "clip_embedding"):
         if key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples])

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
-from common.config import stable_seed
+from common.config import file_digest, stable_seed
 from model.encoder import INFERENCES, EncoderConfig
 from model.unet import UNetConfig, build_unet, camera_features, multiview_forward
 
 NUM_TRAIN_TIMESTEPS = 1000
 LATENT_SCALE = 0.18215
+RANDOM_VAE_SEED = 0
 
 
 FEATURIZATIONS = ("mvdream", "isotropic3d-double-radians")
@@ -156,37 +157,64 @@ def noise_schedule(prediction_type: str = "epsilon") -> DDPMScheduler:
                          beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
 
 
+def load_vae(cfg: ModelConfig) -> Optional[AutoencoderKL]:
+    """The frozen VAE of a latent-space model (None for pixel space): from cfg.vae_path, else random weights."""
+    if cfg.latent != "vae":
+        return None
+    vae = AutoencoderKL.from_pretrained(cfg.vae_path) if cfg.vae_path else MultiViewModel.new_vae(cfg)
+    return vae.requires_grad_(False).eval()
+
+
+def vae_identity(cfg: ModelConfig) -> str:
+    """What a latent depends on besides the image: the VAE's weights (a digest) or its random layout."""
+    if cfg.latent != "vae":
+        return "pixel"
+    if cfg.vae_path is None:
+        return f"vae:random-init-seed{RANDOM_VAE_SEED}:{cfg.vae_block_out_channels}x{cfg.vae_layers_per_block}"
+    weights = sorted(Path(cfg.vae_path).glob("diffusion_pytorch_model*"))
+    if not weights:
+        raise FileNotFoundError(f"model.vae_path {cfg.vae_path}: no diffusion_pytorch_model weights")
+    return "vae:" + ",".join(file_digest(w) for w in weights)
+
+
+def vae_encode(vae: Optional[AutoencoderKL], images: torch.Tensor, grad: bool = False,
+               sample: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1] -> what the UNet denoises: the VAE posterior's mean x 0.18215 (or a sample of
+    it drawn with the generator `sample`); the images themselves in pixel space (vae None). grad=True:
+    differentiable (score distillation backpropagates through the VAE encoder into the renders)."""
+    if vae is None:
+        return images
+    with torch.set_grad_enabled(grad):
+        posterior = vae.encode(images).latent_dist
+        return (posterior.mean if sample is None else posterior.sample(generator=sample)) * LATENT_SCALE
+
+
 class MultiViewModel(torch.nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.unet = build_unet(cfg.unet)
-        self.vae = None
-        if cfg.latent == "vae":
-            self.vae = AutoencoderKL.from_pretrained(cfg.vae_path) if cfg.vae_path else self.new_vae(cfg)
-            self.vae.requires_grad_(False).eval()
+        self.vae = load_vae(cfg)
         self.schedule = noise_schedule(cfg.prediction_type)
 
     @staticmethod
     def new_vae(cfg: Optional[ModelConfig] = None) -> AutoencoderKL:
-        """The configured VAE layout (default SD's: embed_dim 4, ch 128, ch_mult 1,2,4,4) with random weights."""
+        """The configured VAE layout (default SD's: embed_dim 4, ch 128, ch_mult 1,2,4,4) with random weights,
+        the same in every process (seeded by RANDOM_VAE_SEED: prepared latents and the model agree)."""
         cfg = cfg or ModelConfig()
         levels = len(cfg.vae_block_out_channels)
-        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(cfg.vae_block_out_channels),
-                             down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-                             layers_per_block=cfg.vae_layers_per_block, sample_size=cfg.image_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_VAE_SEED)
+            return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                 block_out_channels=tuple(cfg.vae_block_out_channels),
+                                 down_block_types=("DownEncoderBlock2D",) * levels,
+                                 up_block_types=("UpDecoderBlock2D",) * levels,
+                                 layers_per_block=cfg.vae_layers_per_block, sample_size=cfg.image_size)
 
     # ------------------------------------------------------------------ pieces
     def encode(self, images: torch.Tensor, grad: bool = False, sample: Optional[torch.Generator] = None) -> torch.Tensor:
-        """[N, 3, H, W] in [-1, 1] -> what the UNet denoises: the VAE posterior's mean, or a sample of it
-        drawn with the generator `sample`. grad=True: differentiable (score distillation backpropagates
-        through the VAE encoder into the renders)."""
-        if self.vae is None:
-            return images
-        with torch.set_grad_enabled(grad):
-            posterior = self.vae.encode(images).latent_dist
-            return (posterior.mean if sample is None else posterior.sample(generator=sample)) * LATENT_SCALE
+        return vae_encode(self.vae, images, grad, sample)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -249,13 +277,15 @@ class MultiViewModel(torch.nn.Module):
 
     def loss(self, batch: dict, stage: int, generator: torch.Generator, cond_dropout: float = 0.1,
              return_parts: bool = False):
-        """Epsilon- (or v-) prediction MSE on the target views. Stage 2 appends each object's clean reference
+        """Epsilon- (or v-) prediction MSE on the target views (images, or latents when batch["encoded"]). Stage 2 appends each object's clean reference
         latent as one more view (timestep 0, camera el = az = 0) that joins the multi-view attention
         and is left out of the loss."""
         target = batch["target"]                                  # [B, V, 3, H, W]
         b, v = target.shape[:2]
         device = target.device
-        x0 = self.encode(target.flatten(0, 1)).unflatten(0, (b, v))
+        # Prepared data (dataset/prepared.py) arrives encoded; images from the renders are encoded here.
+        encode = (lambda x: x) if batch.get("encoded") else self.encode
+        x0 = encode(target.flatten(0, 1)).unflatten(0, (b, v))
         # Each object draws its noise, timestep and condition dropout from its own generator, seeded by
         # its sample seed (batch["seed"], from the sampler) or else drawn from `generator`: an object's
         # draws do not depend on which rank or batch it lands in (N ranks x b = 1 rank x N*b).
@@ -270,7 +300,7 @@ class MultiViewModel(torch.nn.Module):
         keep = (torch.cat([torch.rand(1, generator=g) for g in gens]) >= cond_dropout).to(device, emb.dtype)
         emb = emb * keep[:, None]                                 # dropped condition = the zero embedding
         if stage == 2:
-            ref = self.encode(batch["reference"])[:, None]
+            ref = encode(batch["reference"])[:, None]
             xt = torch.cat([xt, ref], 1)
             cams = torch.cat([cams, self.cameras(batch["reference_camera"])[:, None]], 1)
             tt = torch.cat([tt, torch.zeros_like(t)[:, None]], 1)

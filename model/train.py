@@ -23,11 +23,10 @@ import torch
 from PIL import Image
 
 from common.config import from_dict, stable_seed
-from dataset.embeddings import EmbeddingStore
+from dataset.prepared import PreparedIndex, PrepareConfig, prepare
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
-from dataset.views import scan
+from dataset.views import RenderedObject
 from model import checkpoint
-from model.encoder import ImageEncoder
 from model.mvmodel import ModelConfig, MultiViewModel
 
 log = logging.getLogger("finetune")
@@ -39,6 +38,10 @@ FAULT_MARKER = "fault-injected.txt"
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SampleConfig = field(default_factory=SampleConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    loader_workers: int = 4
+    """DataLoader worker processes per training worker, reading micro-batches from the prepared shards
+    ahead of the step (0: in the training process)."""
     stage: int = 1
     batch_size: int = 4
     """Objects per micro-batch per worker (each object is 1 or 4 views)."""
@@ -75,7 +78,7 @@ class TrainConfig:
         return TrainConfig(model=ModelConfig.tiny(), data=SampleConfig(image_size=32), stage=stage, batch_size=4,
                            lr=2e-3 if stage == 1 else 5e-4, lr_schedule="linear",
                            warmup_steps=10, max_steps=200 if stage == 1 else 100, val_every=100, ckpt_every=50,
-                           sample_steps=20, guidance=2.0, val_percent=0.0, standardize_embeddings=True)
+                           sample_steps=20, guidance=2.0, val_percent=0.0, standardize_embeddings=True, loader_workers=0)
 
     @staticmethod
     def small(stage: int = 1) -> "TrainConfig":
@@ -84,16 +87,18 @@ class TrainConfig:
         return TrainConfig(model=ModelConfig.small(), data=SampleConfig(image_size=32), stage=stage, batch_size=2,
                            grad_accum=2, lr=1e-4 if stage == 1 else 1e-5, warmup_steps=2 if stage == 1 else 0,
                            lr_schedule="constant" if stage == 1 else "linear", max_steps=4 if stage == 1 else 2,
-                           mixed_precision="bf16", val_percent=0.0, val_every=100, ckpt_every=2, sample_steps=4)
+                           mixed_precision="bf16", val_percent=0.0, val_every=100, ckpt_every=2, sample_steps=4,
+                           loader_workers=1)
 
     @staticmethod
     def sd21(stage: int = 1) -> "TrainConfig":
         """The paper: stage 1 constant lr after 10k warm-up steps, batch 768 (accumulation 4), 50k steps;
         stage 2 linear, batch 128, 5k steps. batch_size is per worker: set it to total / (workers * accum)."""
+        prep = PrepareConfig(dtype="float16")
         if stage == 1:
-            return TrainConfig(model=ModelConfig.sd21(), stage=1, batch_size=24, grad_accum=4, lr=1e-4,
+            return TrainConfig(model=ModelConfig.sd21(), prepare=prep, stage=1, batch_size=24, grad_accum=4, lr=1e-4,
                                warmup_steps=10_000, lr_schedule="constant", max_steps=50_000)
-        return TrainConfig(model=ModelConfig.sd21(), stage=2, batch_size=16, grad_accum=1, lr=1e-5,
+        return TrainConfig(model=ModelConfig.sd21(), prepare=prep, stage=2, batch_size=16, grad_accum=1, lr=1e-5,
                            warmup_steps=0, lr_schedule="linear", max_steps=5_000)
 
     def validate(self) -> None:
@@ -103,7 +108,10 @@ class TrainConfig:
             raise ValueError(f"data.image_size {self.data.image_size} != model.image_size {self.model.image_size}")
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers {self.loader_workers}: expected >= 0")
         lr_lambda(self.lr_schedule, 1, 1)(0)
+        self.prepare.validate()
         self.model.validate()
 
 
@@ -119,23 +127,23 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def prepare_embeddings(cfg: TrainConfig, data_dir: Path, objects) -> EmbeddingStore:
-    """CLIP embeddings of every reference view, computed once (cached beside the renders)."""
-    encoder = ImageEncoder(cfg.model.encoder, cfg.model.inference)
-    store = EmbeddingStore(Path(data_dir) / "cache" / "clip", encoder.identity)
-    store.build(objects, encoder.encode)
-    return store
+def embedding_statistics(objects) -> tuple[list[float], list[float]]:
+    """Per-dimension mean and std over every reference view of the objects, accumulated in float64 one
+    object at a time (memory does not grow with the dataset; every rank and a rerun get the same numbers)."""
+    total = squares = None
+    n = 0
+    for o in objects:
+        e = o.clip().double()
+        total = e.sum(0) if total is None else total + e.sum(0)
+        squares = (e * e).sum(0) if squares is None else squares + (e * e).sum(0)
+        n += e.shape[0]
+    mean = total / n
+    return mean.tolist(), (squares / n - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6).tolist()
 
 
-def embedding_statistics(store: EmbeddingStore, objects) -> tuple[list[float], list[float]]:
-    """Per-dimension mean and std over every reference view of every training object, in float64 so that
-    every rank (and a rerun) gets the same numbers from the same embeddings."""
-    emb = torch.cat([store.get(o.uid) for o in objects]).double()
-    return emb.mean(0).tolist(), emb.std(0, unbiased=False).clamp_min(1e-6).tolist()
-
-
-class Batches:
-    """Micro-batch m of this rank, for any m: the data order of a resumed run is the same."""
+class Batches(torch.utils.data.Dataset):
+    """Micro-batch m of this rank, for any m: the data order of a resumed run is the same. A Dataset over m,
+    so that a DataLoader's workers build micro-batches ahead of the training step."""
 
     def __init__(self, ds: MultiViewDataset, cfg: TrainConfig, rank: int, world: int):
         self.ds = ds
@@ -143,12 +151,23 @@ class Batches:
                                           rank=rank, world_size=world)
         self.epoch, self.cache = -1, []
 
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, m: int) -> dict:
+        return self.get(m)
+
     def get(self, m: int) -> dict:
         epoch, pos = divmod(m, len(self.sampler))
         if epoch != self.epoch:
             self.sampler.set_epoch(epoch)
             self.epoch, self.cache = epoch, list(self.sampler)
         return collate([self.ds[k] for k in self.cache[pos]])
+
+    def loader(self, first: int, end: int, workers: int):
+        """Micro-batches first..end-1 in order, built by `workers` processes (0: this one)."""
+        return torch.utils.data.DataLoader(self, batch_size=None, sampler=range(first, end), num_workers=workers,
+                                           prefetch_factor=4 if workers else None)
 
 
 def _to(batch: dict, device) -> dict:
@@ -173,14 +192,11 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     if init:
         checkpoint.load_model_weights(model, Path(init))
     model.to(device)
-    objects, broken = scan(Path(data_dir), split="train", val_percent=cfg.val_percent)
-    for uid, reason in broken.items():
-        log.warning("left out: %s", reason)
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()       # rank 0 fills the embedding cache first; the others then read it
-    store = prepare_embeddings(cfg, Path(data_dir), objects)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
+    index = PreparedIndex.load(cfg.model, Path(data_dir), cfg.prepare)    # prepared by train() beforehand
+    objects = index.objects("train", cfg.val_percent)
+    if rank == 0:
+        for uid, reason in index.broken.items():
+            log.warning("left out: %s", reason)
     ck = checkpoint.resolve(resume, run / "checkpoints") if resume else None
     weights_from = ck or (Path(init) if init else None)
     if weights_from is not None:
@@ -188,11 +204,10 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
         if saved.embedding_mean is not None:
             model.cfg.embedding_mean, model.cfg.embedding_std = saved.embedding_mean, saved.embedding_std
     if cfg.standardize_embeddings and model.cfg.embedding_mean is None:
-        model.cfg.embedding_mean, model.cfg.embedding_std = embedding_statistics(store, objects)
+        model.cfg.embedding_mean, model.cfg.embedding_std = embedding_statistics(objects)
         log.info("conditioning on standardised CLIP embeddings (statistics of %d objects)", len(objects))
-    ds = MultiViewDataset(objects, store, cfg.data)
-    shown = MultiViewDataset(objects[:1] + validation_objects(cfg, Path(data_dir), store)[:1], store, cfg.data) \
-        if rank == 0 else None
+    ds = MultiViewDataset(objects, cfg=cfg.data)
+    shown = validation_objects(cfg, Path(data_dir), index) if rank == 0 else None
     params = [p for p in model.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
@@ -206,7 +221,8 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
         net = ray.train.torch.prepare_model(model, move_to_device=False)
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
                                              and torch.cuda.is_bf16_supported())
-    batches = Batches(ds, cfg, rank, world)
+    micro_batches = iter(Batches(ds, cfg, rank, world).loader(start * cfg.grad_accum, cfg.max_steps * cfg.grad_accum,
+                                                                 cfg.loader_workers))
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -221,7 +237,7 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
         for micro in range(cfg.grad_accum):
             m = step * cfg.grad_accum + micro
             g = torch.Generator().manual_seed(stable_seed(cfg.seed, m, rank))
-            batch = _to(batches.get(m), device)
+            batch = _to(next(micro_batches), device)
             # DDP all-reduces at every backward unless told not to: once per optimizer step is enough.
             last = micro == cfg.grad_accum - 1
             with (net.no_sync() if not last and hasattr(net, "no_sync") else contextlib.nullcontext()):
@@ -269,13 +285,11 @@ def report_to_ray(metrics: dict, saved: Optional[Path]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def validation_objects(cfg: TrainConfig, data_dir: Path, store: EmbeddingStore) -> list:
-    """The held-out objects (val_percent), with their embeddings in the store, for the validation grid."""
-    if cfg.val_percent <= 0:
-        return []
-    held_out, _ = scan(data_dir, split="val", val_percent=cfg.val_percent)
-    store.build(held_out[:1], ImageEncoder(cfg.model.encoder, cfg.model.inference).encode, progress=False)
-    return held_out
+def validation_objects(cfg: TrainConfig, data_dir: Path, index: PreparedIndex) -> MultiViewDataset:
+    """The objects the validation grid shows, from their renders (ground truth as images): the first
+    training object and, when val_percent holds any out, the first held-out one."""
+    shown = index.objects("train", cfg.val_percent)[:1] + index.objects("val", cfg.val_percent)[:1]
+    return MultiViewDataset([RenderedObject.open(data_dir / "objects" / o.uid) for o in shown], index, cfg.data)
 
 
 @torch.no_grad()
@@ -314,11 +328,13 @@ def connect_ray(address: Optional[str], num_workers: int, data_dir: Path, run_di
 
 def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] = None, resume: Optional[str] = None,
           num_workers: int = 0, address: Optional[str] = None, use_gpu: bool = False, max_failures: int = 3,
-          shared_storage: bool = False) -> dict:
+          shared_storage: bool = False, prepare_data: bool = True) -> dict:
     """num_workers 0: train in this process. N >= 1: Ray Train with N DDP workers (gloo on CPU); when a worker
     dies, Ray Train restarts them all from the last checkpoint, up to max_failures times. On a cluster of
     several nodes, data_dir and run_dir must be on storage every node mounts (refused otherwise, unless
-    shared_storage says they are).
+    shared_storage says they are). First the prepared data is brought up to date (dataset/prepared.py: new
+    and re-rendered objects only, as Ray tasks when num_workers > 0); prepare_data=False trains on the
+    index as it is, without listing the render root.
 
     Fault injection for tests: ISO3D_KILL_TRAIN_WORKER=RANK:STEP makes that Ray Train worker SIGKILL itself
     after that optimizer step, once per run directory."""
@@ -326,9 +342,13 @@ def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] =
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = dataclasses.asdict(cfg)
+    if num_workers:
+        connect_ray(address, num_workers, data_dir, run_dir, shared_storage)
+    if prepare_data:
+        stats = prepare(cfg.model, Path(data_dir), cfg.prepare, num_workers=num_workers, use_gpu=use_gpu).stats
+        log.info("prepared data: %s", stats)
     if num_workers == 0:
         return train_worker(cfg_dict, str(data_dir), str(run_dir), init, resume)
-    connect_ray(address, num_workers, data_dir, run_dir, shared_storage)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     kill = os.environ.get("ISO3D_KILL_TRAIN_WORKER")

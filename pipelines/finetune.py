@@ -11,10 +11,14 @@ Attention, the paper's "EMA": not an exponential moving average).
 --num-workers 0 trains in this process; N >= 1 runs N Ray Train (DDP) workers, locally (127.0.0.1)
 or on the cluster given by --address. Extra `key.sub=value` arguments override TrainConfig fields.
 Writes OUTPUT/config.yaml, cmd.txt, checkpoints/step-N/, validation/step-N.png, tensorboard/.
+Training first brings DATA/cache/prepared/ up to date for the model (CLIP embeddings and latents of every
+view, sharded; only objects new or re-rendered since the last time); --prepare does only that, as its own
+step (e.g. on GPU workers: --num-workers N --gpu).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -24,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from common.atomic import atomic_write_text  # noqa: E402
 from common.config import ConfigError, load_config, save_config  # noqa: E402
 from model import checkpoint  # noqa: E402
+from dataset.prepared import prepare  # noqa: E402
 from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from model.train import TrainConfig, connect_ray, train  # noqa: E402
 
@@ -38,7 +43,12 @@ def parse_args(argv=None):
                    "preset). small: sd21's code paths at CPU size, for tests (needs model.vae_path and "
                    "model.encoder.weights, or an --init checkpoint that brings them)")
     p.add_argument("--data", type=Path, required=True, help="a render output (pipelines/render_objaverse.py --output)")
-    p.add_argument("--output", type=Path, required=True, help="run directory")
+    p.add_argument("--output", type=Path, help="run directory (not needed with --prepare)")
+    p.add_argument("--prepare", action="store_true", help="only bring the prepared data of --data up to date for "
+                   "this model (CLIP embeddings and latents of every view, in shards; Ray tasks with --num-workers), "
+                   "print what was done as JSON, and exit; training does the same first unless --no-prepare")
+    p.add_argument("--no-prepare", action="store_true", help="train on the prepared data as it is, without "
+                   "listing the render root (objects rendered since the last prepare are not used)")
     p.add_argument("--init", help="where to start from: a checkpoint directory (its whole model configuration comes "
                                   "with it: layout, VAE, encoder weights, featurisation, inference conventions; model.* "
                                   "overrides still win), a run directory (its latest checkpoint), or an original LDM "
@@ -78,7 +88,9 @@ def resolve(args) -> tuple[TrainConfig, str | None]:
     cfg.validate()
     if not (args.data / "objects").is_dir():
         raise ValueError(f"--data {args.data}: no objects/ folder (not a render output)")
-    if args.stage == 2 and not init and not args.resume:
+    if args.output is None and not args.prepare:
+        raise ValueError("--output: required (the run directory), except with --prepare")
+    if args.stage == 2 and not init and not args.resume and not args.prepare:
         raise ValueError("--stage 2 starts from a stage-1 checkpoint: give --init")
     return cfg, None if init is None else str(init)
 
@@ -88,17 +100,21 @@ def main(argv=None) -> int:
     try:
         cfg, args.init = resolve(args)
         if args.num_workers:         # a multi-node cluster without shared storage is refused before anything is written
-            connect_ray(args.address, args.num_workers, args.data, args.output, args.shared_storage)
+            connect_ray(args.address, args.num_workers, args.data, args.output or args.data, args.shared_storage)
     except (ConfigError, ValueError, FileNotFoundError) as e:      # ConversionError is a ValueError
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
+    if args.prepare:
+        stats = prepare(cfg.model, args.data, cfg.prepare, num_workers=args.num_workers, use_gpu=args.gpu).stats
+        print(json.dumps(stats))
+        return 0
     args.output.mkdir(parents=True, exist_ok=True)
     save_config(cfg, args.output / "config.yaml")
     atomic_write_text(args.output / "cmd.txt", shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]) + "\n")
     try:
         train(cfg, args.data, args.output, init=args.init, resume=args.resume, num_workers=args.num_workers,
               address=args.address, use_gpu=args.gpu, max_failures=args.max_failures,
-              shared_storage=args.shared_storage)
+              shared_storage=args.shared_storage, prepare_data=not args.no_prepare)
     except FileNotFoundError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2

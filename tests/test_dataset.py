@@ -1,4 +1,4 @@
-"""dataset/: reading rendered objects, the two training branches, cached CLIP embeddings."""
+"""dataset/: reading rendered objects, the two training branches, the prepared shards."""
 import collections
 import shutil
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.embeddings import EmbeddingStore
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
 from dataset.views import BrokenObject, RenderedObject, scan, split_of
 from model.encoder import EncoderConfig, ImageEncoder
@@ -96,23 +95,66 @@ def test_batches_hold_one_branch_and_30_percent_are_single():
     assert whole == [x + y for x, y in zip(a, b)]
 
 
-def test_embeddings_cached_by_content_and_encoder(rendered_demo, render_copy, tmp_path):
+def prepare_tiny(root, **kw):
+    from dataset.prepared import PrepareConfig, prepare
+    from model.mvmodel import ModelConfig
+    return prepare(ModelConfig.tiny(), root, PrepareConfig(**{"shard_size": 2, **kw}), progress=False)
+
+
+def test_prepare_encodes_once_then_only_new_and_rerendered_objects(render_copy):
+    """The prepared shards hold exactly what training would compute from the renders; a second prepare
+    does nothing; two new objects are the only ones a third prepare encodes; a re-rendered object (its
+    cameras.json and meta.json written anew) is encoded again; a broken one is recorded, not retried."""
+    import os
+    from dataset.prepared import ALL_VIEWS
     objs, _ = scan(render_copy)
+    first = prepare_tiny(render_copy)
+    assert first.stats == {"objects": 4, "broken": 0, "encoded": 4, "shards_written": 2}
     enc = ImageEncoder(EncoderConfig.tiny())
-    calls = []
-    encode = lambda imgs: calls.append(len(imgs)) or enc.encode(imgs)  # noqa: E731
-    store = EmbeddingStore(tmp_path / "cache", enc.identity)
-    assert store.build(objs, encode, progress=False) == 4 and calls == [16] * 4
-    assert store.build(objs, encode, progress=False) == 0
-    emb = store.get(objs[0].uid)
-    assert emb.shape == (16, 64) and torch.isfinite(emb).all()
-    # new pixels for one object (a re-render): only it is encoded again
-    png = objs[1].png("random", 5)
-    Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
-    assert EmbeddingStore(tmp_path / "cache", enc.identity).build(objs, encode, progress=False) == 1
-    assert EmbeddingStore(tmp_path / "cache", "another-encoder").build(objs, encode, progress=False) == 4
-    ds = MultiViewDataset(objs, store, SampleConfig(image_size=32))
-    sampler = BranchBatchSampler(len(ds), 2, seed=0)
-    batch = collate([ds[k] for k in next(iter(sampler))])
-    assert batch["clip_embedding"].shape == (2, 64)
-    torch.testing.assert_close(batch["clip_embedding"][0], store.get(batch["uid"][0])[ds[next(iter(sampler))[0]]["reference_view"]])
+    for obj, prep in zip(objs, first.objects()):
+        assert prep.uid == obj.uid
+        torch.testing.assert_close(prep.clip(), enc.encode([obj.rgba("random", i) for i in range(16)]), rtol=0, atol=0)
+        views = [("fixed", 3), ("random", 9)]
+        torch.testing.assert_close(prep.latents(views), torch.stack([obj.image(s, i, 32) for s, i in views]), rtol=0, atol=0)
+        assert prep.angles()[ALL_VIEWS.index(("fixed", 3))].tolist() == [*obj.angles("fixed", 3),
+                                                                           obj.cameras["fixed"][3]["distance"]]
+    shards = sorted(first.root.glob("shards/*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    assert prepare_tiny(render_copy).stats["encoded"] == 0                      # second run: nothing to do
+    assert [p.stat().st_mtime_ns for p in sorted(first.root.glob("shards/*.safetensors"))] == stamps
+
+    for new, source in (("zz-new-a", objs[0]), ("zz-new-b", objs[1])):
+        shutil.copytree(source.path, render_copy / "objects" / new)
+    third = prepare_tiny(render_copy)
+    assert third.stats == {"objects": 6, "broken": 0, "encoded": 2, "shards_written": 1}
+    new_shards = sorted(set(third.root.glob("shards/*.safetensors")) - set(shards))
+    assert [third.entries[u] for u in ("zz-new-a", "zz-new-b")] == [new_shards[0].name] * 2
+
+    meta = objs[2].path / "meta.json"
+    meta.write_text(meta.read_text() + " ")
+    os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 10**9))
+    assert prepare_tiny(render_copy).stats["encoded"] == 1                       # the re-rendered object only
+
+    broken = render_copy / "objects" / "zz-broken"
+    shutil.copytree(objs[3].path, broken)
+    (broken / "fixed" / "007.png").unlink()
+    fourth = prepare_tiny(render_copy)
+    assert fourth.stats["broken"] == 1 and "missing view fixed/007.png" in fourth.broken["zz-broken"]
+    assert "zz-broken" not in {o.uid for o in fourth.objects()}
+    assert prepare_tiny(render_copy).stats["encoded"] == 0                       # recorded, not retried
+    ds = MultiViewDataset(fourth.objects("train", 0.0), cfg=SampleConfig(image_size=32))
+    batch = collate([ds[k] for k in next(iter(BranchBatchSampler(len(ds), 2, seed=0)))])
+    assert batch["encoded"] and batch["clip_embedding"].shape == (2, 64)
+
+
+def test_prepare_as_ray_tasks_writes_what_one_process_writes(ray_local, render_copy, tmp_path):
+    from safetensors.torch import load_file
+    shutil.copytree(render_copy / "objects", tmp_path / "other" / "objects")
+    here = prepare_tiny(render_copy)
+    from dataset.prepared import PrepareConfig, prepare
+    from model.mvmodel import ModelConfig
+    there = prepare(ModelConfig.tiny(), tmp_path / "other", PrepareConfig(shard_size=2), num_workers=2, progress=False)
+    assert there.stats == here.stats and there.entries == here.entries           # the same shards, by name
+    for name in set(here.entries.values()):
+        a, b = load_file(str(here.root / "shards" / name)), load_file(str(there.root / "shards" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from dataset.samples import MultiViewDataset, SampleConfig, collate
-from dataset.views import scan
 from model.mvmodel import ModelConfig, MultiViewModel
-from model.train import TrainConfig, prepare_embeddings, train
+from dataset.prepared import prepare
+from model.train import TrainConfig, train
 from pipelines.finetune import main as finetune_main
 
 FAST = dict(sample_steps=2, val_every=10_000, log_every=1)
@@ -41,8 +41,7 @@ def test_overfit_two_objects_loss_falls_by_half(two_objects, tmp_path):
 
 def test_stage2_reference_view_is_out_of_the_loss_but_conditions_targets(two_objects):
     cfg = TrainConfig.tiny(2)
-    objs, _ = scan(two_objects)
-    ds = MultiViewDataset(objs, prepare_embeddings(cfg, two_objects, objs), SampleConfig(image_size=32))
+    ds = MultiViewDataset(prepare(cfg.model, two_objects, cfg.prepare).objects(), cfg=SampleConfig(image_size=32))
     batch = collate([ds[(0, "multi", 7)], ds[(1, "multi", 8)]])
     torch.manual_seed(0)
     model = MultiViewModel(ModelConfig.tiny())
@@ -94,8 +93,7 @@ def test_two_ranks_gradients_average_to_the_double_batch_gradient(two_objects):
     is the double batch's gradient."""
     from model.train import Batches
     cfg = tiny(1)
-    objs, _ = scan(two_objects)
-    ds = MultiViewDataset(objs, prepare_embeddings(cfg, two_objects, objs), cfg.data)
+    ds = MultiViewDataset(prepare(cfg.model, two_objects, cfg.prepare).objects(), cfg=cfg.data)
     torch.manual_seed(0)
     model = MultiViewModel(cfg.model)
 
@@ -169,20 +167,19 @@ def test_tiny_model_conditions_on_standardised_embeddings(two_objects, tmp_path)
     from model.checkpoint import model_config
     from model.train import embedding_statistics
     cfg = tiny(max_steps=150, batch_size=4, ckpt_every=150, cond_dropout=0.1)
-    objs, _ = scan(two_objects)
-    store = prepare_embeddings(cfg, two_objects, objs)
-    raw = [store.get(o.uid).mean(0) for o in objs]
+    objs = prepare(cfg.model, two_objects, cfg.prepare).objects()
+    raw = [o.clip().mean(0) for o in objs]
     assert torch.nn.functional.cosine_similarity(raw[0], raw[1], dim=0) > 0.95      # why standardise
     train(cfg, two_objects, tmp_path)
     ck = tmp_path / "checkpoints" / "step-000150"
     saved = model_config(ck)
-    mean, std = embedding_statistics(store, objs)
+    mean, std = embedding_statistics(objs)
     assert saved.embedding_mean == pytest.approx(mean) and saved.embedding_std == pytest.approx(std)
     model = MultiViewModel(saved)
     from model.checkpoint import load_model_weights
     load_model_weights(model, ck)
     model.eval()
-    ds = MultiViewDataset(objs, store, SampleConfig(image_size=32))
+    ds = MultiViewDataset(objs, cfg=SampleConfig(image_size=32))
     samples, truths = [], []
     for i in range(2):
         item = ds[(i, "multi", 3)]

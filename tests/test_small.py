@@ -1,11 +1,12 @@
 """The `small` preset: every code path of the full-size (sd21) model at a size a CPU runs in seconds.
 From an MVDream-layout checkpoint file (UNet + camera MLP + SD VAE, converted by --init) and an open_clip
-weights file the test writes: stage 1 (VAE latents, bf16 autocast, gradient checkpointing, accumulation
+weights file the test writes: the prepare step (VAE latents and CLIP embeddings in shards), stage 1 (VAE latents, bf16 autocast, gradient checkpointing, accumulation
 with no_sync) -> stage 2 (the reference view in the attention) -> DDIM sampling -> the 3D stage (score
 distillation through the VAE encoder) -> a mesh."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -37,9 +38,12 @@ def small_weights(tmp_path_factory):
     return root / "mvdream-small-4view.pt", root / "open_clip-small.safetensors", clip.visual.state_dict()
 
 
-def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tmp_path, monkeypatch):
+def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))
     import finetune
+    from dataset.prepared import PreparedIndex, PrepareConfig, prepare
+    from dataset.views import RenderedObject
+    from model.mvmodel import load_vae, vae_encode
     from model import checkpoint
     from model.encoder import ImageEncoder
     from model.unet import build_unet
@@ -55,8 +59,14 @@ def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tm
     monkeypatch.setattr(torch, "autocast", recording_autocast)
     try:
         s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
-        assert finetune.main(["--stage", "1", "--config", "small", "--data", str(rendered_demo), "--output", str(s1),
-                              "--init", str(ldm), f"model.encoder.weights={encoder_weights}"]) == 0
+        data = tmp_path / "renders"                       # a copy: the prepared data is written beside it
+        shutil.copytree(rendered_demo / "objects", data / "objects")
+        stage1 = ["--stage", "1", "--config", "small", "--data", str(data), "--init", str(ldm),
+                  f"model.encoder.weights={encoder_weights}"]
+        capsys.readouterr()
+        assert finetune.main(stage1 + ["--prepare"]) == 0      # the prepare step alone, then training reuses it
+        assert json.loads(capsys.readouterr().out) == {"objects": 4, "broken": 0, "encoded": 4, "shards_written": 1}
+        assert finetune.main(stage1 + ["--output", str(s1)]) == 0
         cfg = yaml.safe_load((s1 / "config.yaml").read_text())
         assert (cfg["model"]["latent"], cfg["model"]["camera_featurization"], cfg["model"]["prediction_type"]) == \
             ("vae", "mvdream", "epsilon")
@@ -66,6 +76,14 @@ def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tm
         ck1 = s1 / "checkpoints" / "step-000004"
         assert (ck1 / "vae").is_symlink()                       # the frozen VAE is linked, not copied
         model_cfg = checkpoint.model_config(ck1)
+        # What training read: the VAE's posterior mean x 0.18215 of each view, prepared once.
+        index = PreparedIndex.load(model_cfg, data, PrepareConfig(**cfg["prepare"]))
+        assert not prepare(model_cfg, data, PrepareConfig(**cfg["prepare"])).stats["encoded"]
+        prepared = index.objects()[1]
+        view = RenderedObject.open(data / "objects" / prepared.uid).image("fixed", 2, 32)
+        expected = vae_encode(load_vae(model_cfg), view[None])
+        assert expected.shape == (1, 4, 16, 16)
+        torch.testing.assert_close(prepared.latents([("fixed", 2)]), expected, rtol=1e-5, atol=1e-5)
         enc = ImageEncoder(model_cfg.encoder)                   # the tower came from the weights file
         assert all(torch.equal(v, tower[k]) for k, v in enc.visual.state_dict().items())
         # The UNet started from the converted file: after 4 steps at lr 1e-4 it is near it, not random.
@@ -73,7 +91,7 @@ def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tm
         s1_cam = checkpoint.load_model(ck1).unet.class_embedding.linear_1.weight
         assert (s1_cam - ldm_cam).abs().max() < 0.01 and not torch.equal(s1_cam, ldm_cam)
 
-        assert finetune.main(["--stage", "2", "--config", "small", "--data", str(rendered_demo), "--output", str(s2),
+        assert finetune.main(["--stage", "2", "--config", "small", "--data", str(data), "--output", str(s2),
                               "--init", str(s1)]) == 0
         assert yaml.safe_load((s2 / "config.yaml").read_text())["lr_schedule"] == "linear"
         assert (s2 / "checkpoints" / "step-000002" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
