@@ -3,7 +3,8 @@
     python bench/gpu.py                 # the sd21 sizes; writes bench/results/gpu-<gpu name>.json (<= 8 min, one H100)
     python bench/gpu.py --reduced       # the same code at toy sizes (any CPU; what the tests run)
 
-1. Fine-tuning: stage 1 and stage 2 steps of the sd21 model (VAE encode of every view included) with
+1. Fine-tuning: stage 1 and stage 2 steps of the sd21 model on prepared latents, as training reads them
+   (results before the prepare step, e.g. gpu-nvidia-h100-80gb-hbm3.json, include a VAE encode of every view) with
    gradient checkpointing and bf16 autocast (on a GPU), at the per-worker batch the presets use
    (multi-view branch: 4 views per object): seconds per micro-batch and per optimizer step, peak
    memory, and the largest batch that fits (doubling, then bisecting, within a time budget).
@@ -79,23 +80,25 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def random_batch(objects: int, size: int, stage: int, dim: int, device, seed: int) -> dict:
+def random_batch(objects: int, unet: UNetConfig, stage: int, device, seed: int) -> dict:
+    """A micro-batch as training reads it from the prepared shards: latents, not images (no VAE in the step)."""
     g = torch.Generator().manual_seed(seed)
     az = torch.rand(objects, generator=g) * 360
     cams = torch.tensor(np.stack([[c2w_blender(float(a) + 90 * k, 15.0, DISTANCE) for k in range(VIEWS)] for a in az]),
                         dtype=torch.float32)
-    batch = {"target": torch.rand(objects, VIEWS, 3, size, size, generator=g) * 2 - 1, "target_cameras": cams,
-             "clip_embedding": torch.randn(objects, dim, generator=g)}
+    latent = (unet.in_channels, unet.sample_size, unet.sample_size)
+    batch = {"target": torch.randn(objects, VIEWS, *latent, generator=g), "target_cameras": cams,
+             "clip_embedding": torch.randn(objects, unet.cross_attention_dim, generator=g)}
     if stage == 2:
-        batch["reference"] = torch.rand(objects, 3, size, size, generator=g) * 2 - 1
+        batch["reference"] = torch.randn(objects, *latent, generator=g)
         batch["reference_camera"] = torch.tensor(np.stack([c2w_blender(0.0, 0.0, DISTANCE)] * objects), dtype=torch.float32)
-    return {k: v.to(device) for k, v in batch.items()}
+    return {"encoded": True, **{k: v.to(device) for k, v in batch.items()}}
 
 
 def train_steps(model, opt, cfg: TrainConfig, objects: int, device, bf16: bool, steps: int) -> float:
     """Mean seconds of one micro-batch (forward + backward) over `steps`, after one warm-up with an
     optimizer step (so that AdamW's state is allocated when the peak is read)."""
-    batch = random_batch(objects, cfg.model.image_size, cfg.stage, cfg.model.unet.cross_attention_dim, device, objects)
+    batch = random_batch(objects, cfg.model.unet, cfg.stage, device, objects)
     sync = Memory(device).sync
     times = []
     for i in range(steps + 1):
@@ -166,7 +169,8 @@ def bench_training(model_cfg: ModelConfig, device, bf16: bool, reduced: bool, st
         opt.step()
         mem.sync()
         opt_s = time.perf_counter() - t
-        row = {"objects_per_micro_batch": cfg.batch_size, "gradient_checkpointing": model_cfg.unet.gradient_checkpointing, "views_per_object": VIEWS + (stage == 2),
+        row = {"objects_per_micro_batch": cfg.batch_size, "gradient_checkpointing": model_cfg.unet.gradient_checkpointing,
+               "vae_in_step": False, "views_per_object": VIEWS + (stage == 2),
                "grad_accum": cfg.grad_accum, "seconds_per_micro_batch": round(micro_s, 4),
                "seconds_per_optimizer_step": round(cfg.grad_accum * micro_s + opt_s, 4),
                "images_per_second": round(cfg.batch_size * VIEWS / micro_s, 1), "peak_memory_mb": round(peak)}

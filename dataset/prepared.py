@@ -13,8 +13,11 @@ Layout, RENDER_ROOT/cache/prepared/<digest of the identity>/:
     shards/shard-<digest>.safetensors
                        per object `<uid>/clip` [16, D], `<uid>/latents` [32, C, h, w] (random views 0-15, then
                        fixed 0-15), `<uid>/angles` [32, 3] (azimuth, elevation, distance); metadata: the
-                       objects' fingerprints and the broken ones with the reason
-    index.json         uid -> shard, broken uid -> reason; rewritten at the end of every prepare
+                       objects' fingerprints and quality flags (meta.json's, render/quality.py), the broken
+                       ones with the reason
+    index.json         uid -> shard, broken uid -> reason, uid -> flags; rewritten at the end of every prepare
+Which flagged objects training leaves out is SampleConfig.exclude_flags: a rule applied when the index
+is read, so changing it prepares nothing again.
 An object's fingerprint is the size and modification time of its cameras.json and meta.json (the render
 writes both anew when it renders an object): a re-rendered object is prepared again, an unchanged one is
 not read. A shard is written under a temporary name and renamed when complete, so a killed prepare
@@ -29,7 +32,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -93,16 +96,21 @@ def list_objects(render_root: Path) -> dict[str, str]:
         return {e.name: fingerprint(Path(e.path)) for e in it if not e.name.startswith(".") and e.is_dir()}
 
 
-def read_shard_metadata(shards: Path) -> dict[str, tuple[str, str, Optional[str]]]:
-    """{uid: (shard name, fingerprint, broken reason or None)} from the metadata of every finished shard."""
+def read_shard_metadata(shards: Path, present: dict[str, str]) -> dict[str, tuple[str, Optional[str], list[str]]]:
+    """{uid: (shard name, broken reason or None, quality flags)} of the objects in `present` ({uid:
+    fingerprint}) that a finished shard holds with that fingerprint (a re-rendered object's older entry, in
+    an older shard, does not count)."""
     known = {}
     for shard in sorted(shards.glob("shard-*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
             meta = f.metadata() or {}
+        flags = json.loads(meta.get("flags", "{}"))
         for uid, fp in json.loads(meta.get("objects", "{}")).items():
-            known[uid] = (shard.name, fp, None)
+            if present.get(uid) == fp:
+                known[uid] = (shard.name, None, flags.get(uid, []))
         for uid, (fp, reason) in json.loads(meta.get("broken", "{}")).items():
-            known[uid] = (shard.name, fp, reason)
+            if present.get(uid) == fp:
+                known[uid] = (shard.name, reason, [])
     return known
 
 
@@ -117,7 +125,7 @@ def prepare_shard(model_cfg_dict: dict, render_root: str, uids: list[str], finge
     vae = load_vae(model_cfg)
     vae = vae.to(device) if vae is not None else None
     dtype, size = DTYPES[cfg.dtype], model_cfg.image_size
-    tensors, good, broken = {}, {}, {}
+    records, broken = {}, {}
     for uid in uids:
         try:
             obj = RenderedObject.open(Path(render_root) / "objects" / uid)
@@ -128,27 +136,43 @@ def prepare_shard(model_cfg_dict: dict, render_root: str, uids: list[str], finge
         images = torch.stack([obj.image(s, i, size) for s, i in ALL_VIEWS])
         latents = torch.cat([vae_encode(vae, chunk.to(device)) for chunk in images.split(cfg.batch_views)])
         angles = [[*obj.angles(s, i), obj.cameras[s][i]["distance"]] for s, i in ALL_VIEWS]
+        try:
+            meta = json.loads((obj.path / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        flags = meta.get("quality", {}).get("flags", [])        # render/quality.py; none before it existed
+        records[uid] = (fingerprints[uid], clip, latents, torch.tensor(angles, dtype=torch.float64), flags)
+    write_shard(Path(out), records, broken, dtype)
+    return {"prepared": len(records), "broken": len(broken)}
+
+
+def write_shard(out: Path, records: dict[str, tuple], broken: dict[str, tuple[str, str]], dtype: torch.dtype) -> None:
+    """One shard file, atomically: records {uid: (fingerprint, clip [16, D], latents [32, C, h, w], angles
+    [32, 3], quality flags)}, broken {uid: (fingerprint, reason)}."""
+    tensors = {}
+    for uid, (_, clip, latents, angles, _) in records.items():
         tensors[f"{uid}/clip"] = clip.to("cpu", dtype).contiguous()
         tensors[f"{uid}/latents"] = latents.to("cpu", dtype).contiguous()
-        tensors[f"{uid}/angles"] = torch.tensor(angles, dtype=torch.float64)
-        good[uid] = fingerprints[uid]
-    atomic_write_bytes(out, save(tensors, metadata={"objects": json.dumps(good), "broken": json.dumps(broken)}))
-    return {"prepared": len(good), "broken": len(broken)}
+        tensors[f"{uid}/angles"] = angles.to("cpu", torch.float64).contiguous()
+    good = {uid: r[0] for uid, r in records.items()}
+    flags = {uid: r[4] for uid, r in records.items() if r[4]}
+    atomic_write_bytes(out, save(tensors, metadata={"objects": json.dumps(good), "broken": json.dumps(broken),
+                                                    "flags": json.dumps(flags)}))
 
 
 def prepare(model_cfg, render_root: Path, cfg: PrepareConfig, num_workers: int = 0, use_gpu: bool = False,
             progress: bool = True) -> "PreparedIndex":
     """Bring the prepared data of render_root up to date for this model: encode only the objects that are
     new or re-rendered since the last prepare (num_workers 0: in this process; N: Ray tasks, in the Ray
-    this process joined or starts). Returns the index; index.stats says what this call did."""
+    this process joined, else a local one on 127.0.0.1). Returns the index; index.stats says what this call did."""
     cfg.validate()
     ident = identity(model_cfg, cfg)
     root = prepared_dir(render_root, ident)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "identity.txt", ident + "\n")
     present = list_objects(render_root)
-    known = read_shard_metadata(root / "shards")
-    todo = sorted(uid for uid, fp in present.items() if uid not in known or known[uid][1] != fp)
+    known = read_shard_metadata(root / "shards", present)
+    todo = sorted(uid for uid in present if uid not in known)
     chunks = [todo[i:i + cfg.shard_size] for i in range(0, len(todo), cfg.shard_size)]
     jobs = []
     for chunk in chunks:
@@ -163,6 +187,8 @@ def prepare(model_cfg, render_root: Path, cfg: PrepareConfig, num_workers: int =
             prepare_shard(*args, chunk, fps, out, dataclasses.asdict(cfg))
             bar.update(len(chunk))
     else:
+        from common.ray_local import init_ray
+        init_ray(None, num_cpus=num_workers)    # no-op when this process already joined or started a Ray
         import ray
         task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=2)(prepare_shard)
         pending = {task.remote(*args, chunk, fps, out, dataclasses.asdict(cfg)): len(chunk) for chunk, fps, out in jobs}
@@ -171,11 +197,12 @@ def prepare(model_cfg, render_root: Path, cfg: PrepareConfig, num_workers: int =
             ray.get(done[0])
             bar.update(pending.pop(done[0]))
     bar.close()
-    known = read_shard_metadata(root / "shards")
-    entries = {uid: known[uid][0] for uid in sorted(present) if uid in known and known[uid][2] is None}
-    broken = {uid: known[uid][2] for uid in sorted(present) if uid in known and known[uid][2] is not None}
-    atomic_write_json(root / "index.json", {"identity": ident, "objects": entries, "broken": broken})
-    index = PreparedIndex(root, entries, broken)
+    known = read_shard_metadata(root / "shards", present)
+    entries = {uid: known[uid][0] for uid in sorted(known) if known[uid][1] is None}
+    broken = {uid: known[uid][1] for uid in sorted(known) if known[uid][1] is not None}
+    flags = {uid: known[uid][2] for uid in entries if known[uid][2]}
+    atomic_write_json(root / "index.json", {"identity": ident, "objects": entries, "broken": broken, "flags": flags})
+    index = PreparedIndex(root, entries, broken, flags)
     index.stats = {"objects": len(entries), "broken": len(broken), "encoded": len(todo), "shards_written": len(jobs)}
     return index
 
@@ -183,8 +210,9 @@ def prepare(model_cfg, render_root: Path, cfg: PrepareConfig, num_workers: int =
 class PreparedIndex:
     """The prepared objects of one render root and model identity (index.json), and their embeddings."""
 
-    def __init__(self, root: Path, entries: dict[str, str], broken: dict[str, str]):
-        self.root, self.entries, self.broken, self.stats = Path(root), entries, broken, {}
+    def __init__(self, root: Path, entries: dict[str, str], broken: dict[str, str],
+                 flags: Optional[dict[str, list[str]]] = None):
+        self.root, self.entries, self.broken, self.flags, self.stats = Path(root), entries, broken, flags or {}, {}
 
     @staticmethod
     def load(model_cfg, render_root: Path, cfg: PrepareConfig) -> "PreparedIndex":
@@ -195,11 +223,14 @@ class PreparedIndex:
         except FileNotFoundError:
             raise FileNotFoundError(f"{render_root}: not prepared for this model ({ident}); run finetune.py "
                                     "--prepare with the same settings") from None
-        return PreparedIndex(root, data["objects"], data["broken"])
+        return PreparedIndex(root, data["objects"], data["broken"], data.get("flags"))
 
-    def objects(self, split: Optional[str] = None, val_percent: float = 5.0) -> list["PreparedObject"]:
+    def objects(self, split: Optional[str] = None, val_percent: float = 5.0,
+                exclude: Sequence[str] = ()) -> list["PreparedObject"]:
+        """The objects of a split (None: all), leaving out those with any of the quality flags `exclude`."""
         return [PreparedObject(uid, self.root / "shards" / shard) for uid, shard in self.entries.items()
-                if split is None or split_of(uid, val_percent) == split]
+                if (split is None or split_of(uid, val_percent) == split)
+                and not set(exclude) & set(self.flags.get(uid, ()))]
 
     def get(self, uid: str) -> torch.Tensor:
         """[16, D] CLIP embeddings of the object's random views (float32)."""

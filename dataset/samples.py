@@ -12,7 +12,7 @@ Every draw is fixed by (seed, epoch, batch, position), so a resumed run sees the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ class SampleConfig:
     """Pixels of reference and targets (resized from the renders if they differ)."""
     single_view_probability: float = 0.3
     multi_views: int = 4
+    exclude_flags: list[str] = field(default_factory=lambda: ["nearly_empty", "dark", "magenta"])
+    """Objects whose render carries any of these quality flags (meta.json "quality", render/quality.py) are
+    left out of training: a speck in most views, renders black, mostly missing-texture pink. Also:
+    missing_textures, unlit, unlit_black (an unlit material whose colour is only in emissiveFactor)."""
 
 
 class MultiViewDataset(Dataset):

@@ -108,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"data.image_size {self.data.image_size} != model.image_size {self.model.image_size}")
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
+        from render.quality import FLAGS
+        if set(self.data.exclude_flags) - set(FLAGS):
+            raise ValueError(f"data.exclude_flags {sorted(set(self.data.exclude_flags) - set(FLAGS))}: unknown; "
+                             f"the flags are {', '.join(FLAGS)}")
         if self.loader_workers < 0:
             raise ValueError(f"loader_workers {self.loader_workers}: expected >= 0")
         lr_lambda(self.lr_schedule, 1, 1)(0)
@@ -167,7 +171,7 @@ class Batches(torch.utils.data.Dataset):
     def loader(self, first: int, end: int, workers: int):
         """Micro-batches first..end-1 in order, built by `workers` processes (0: this one)."""
         return torch.utils.data.DataLoader(self, batch_size=None, sampler=range(first, end), num_workers=workers,
-                                           prefetch_factor=4 if workers else None)
+                                           prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available())
 
 
 def _to(batch: dict, device) -> dict:
@@ -193,10 +197,13 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
         checkpoint.load_model_weights(model, Path(init))
     model.to(device)
     index = PreparedIndex.load(cfg.model, Path(data_dir), cfg.prepare)    # prepared by train() beforehand
-    objects = index.objects("train", cfg.val_percent)
+    objects = index.objects("train", cfg.val_percent, exclude=cfg.data.exclude_flags)
     if rank == 0:
         for uid, reason in index.broken.items():
             log.warning("left out: %s", reason)
+        for uid, flags in index.flags.items():
+            if set(flags) & set(cfg.data.exclude_flags):
+                log.warning("left out: %s: flagged %s (data.exclude_flags)", uid, ", ".join(flags))
     ck = checkpoint.resolve(resume, run / "checkpoints") if resume else None
     weights_from = ck or (Path(init) if init else None)
     if weights_from is not None:
@@ -288,7 +295,8 @@ def report_to_ray(metrics: dict, saved: Optional[Path]) -> None:
 def validation_objects(cfg: TrainConfig, data_dir: Path, index: PreparedIndex) -> MultiViewDataset:
     """The objects the validation grid shows, from their renders (ground truth as images): the first
     training object and, when val_percent holds any out, the first held-out one."""
-    shown = index.objects("train", cfg.val_percent)[:1] + index.objects("val", cfg.val_percent)[:1]
+    exclude = cfg.data.exclude_flags
+    shown = index.objects("train", cfg.val_percent, exclude)[:1] + index.objects("val", cfg.val_percent, exclude)[:1]
     return MultiViewDataset([RenderedObject.open(data_dir / "objects" / o.uid) for o in shown], index, cfg.data)
 
 

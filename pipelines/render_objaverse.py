@@ -6,10 +6,14 @@
         --num-shards 64 --shards 0-3,7 --output /shared/renders --address ray://head:10001
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python pipelines/render_objaverse.py --source objaverse --shards all --output /shared/renders
+    python pipelines/render_objaverse.py --report /shared/renders     # report.html: failures, quality flags
 
 Each object is rendered in its own Blender process (timeout, process group killed), its folder
 appears under OUTPUT/objects/<uid>/ only when complete, and every attempt is a line of
 OUTPUT/manifest.jsonl. A rerun skips objects already complete with the same render settings.
+Each rendered object gets quality figures and flags (meta.json "quality", render/quality.py: nearly
+empty views, dark, missing-texture magenta, unlit materials); training leaves flagged objects out by a
+rule in its configuration (data.exclude_flags).
 Exit status: 0 when at least one object is complete (failures are in the manifest), 1 when every
 object of the run failed, 2 for bad input (nothing is written then).
 Extra `key=value` arguments override configuration fields (e.g. settings.denoiser=high).
@@ -56,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--objaverse-dir", help="objaverse: root of its cache/mirror (default: ~/.objaverse)")
     p.add_argument("--demo-count", type=int, default=12, help="demo: number of procedural objects (default: 12)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report", type=Path, metavar="OUTPUT", help="render nothing: write OUTPUT/report.html (objects "
+                   "by status and failure reason, quality flags and figures, the most suspect objects) and print "
+                   "its numbers as JSON")
     p.add_argument("overrides", nargs="*", help="configuration overrides, key.sub=value")
     return p.parse_args(argv)
 
@@ -71,6 +78,14 @@ def resolve_config(args) -> RenderConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        from pipelines.report import write_render_report
+        try:
+            print(json.dumps(write_render_report(args.report)))
+        except FileNotFoundError as e:
+            print(f"render_objaverse.py: error: --report {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = resolve_config(args)
         cfg.settings.validate()

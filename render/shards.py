@@ -28,6 +28,7 @@ from pathlib import Path
 
 from common.atomic import append_line, replace_dir
 from render.cameras import NUM_VIEWS
+from render.quality import manifest_quality
 from render.settings import RenderConfig, RenderSettings
 from render.sources import ObjectRef, resolve
 
@@ -233,7 +234,7 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
                 return failed("crash", f"incomplete output ({pngs} views)")
             replace_dir(tmp, root.objects / ref.uid)
             return {**entry, "status": "ok", "reason": None, "warnings": result.get("warnings", []),
-                    "timings": result.get("timings"), "seconds": time.time() - started}
+                    "quality": result.get("quality"), "timings": result.get("timings"), "seconds": time.time() - started}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -265,6 +266,7 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
             meta = json.loads((root.objects / r.uid / "meta.json").read_text())
             root.record({"uid": r.uid, "original_id": r.original_id, "source": r.source, "shard": s,
                          "status": "ok", "reason": None, "sha256": meta.get("sha256"), "settings_key": key,
+                         "quality": manifest_quality(meta["quality"]) if "quality" in meta else None,
                          "seconds": None, "recovered": True})
     skipped = len(done_before)
     summary = {"selected": len(selected), "skipped": skipped, "ok": 0, "failed": 0, "retried": 0,

@@ -91,7 +91,9 @@ def render_object(job: dict, state: dict) -> dict:
 
     import bpy
     from render.preview import object_preview
+    from render.quality import gltf_materials, manifest_quality, object_quality
     object_preview(out).save(out / "preview.png")
+    quality = object_quality(out, missing, gltf_materials(src))
     atomic_write_json(out / "cameras.json", {
         "convention": "opencv",  # camera looks down +Z, +Y down; c2w maps camera to world (z-up)
         "world": "blender z-up; object normalised into [-0.5, 0.5]^3",
@@ -111,8 +113,8 @@ def render_object(job: dict, state: dict) -> dict:
         "hdri": lighting, "settings": settings.__dict__, "settings_key": settings.key(),
         "device": job["device"], "blender_version": bpy.app.version_string,
         "seed": cameras.seed_for(job["uid"], settings.seed), "timings": timings,
-        "warnings": warnings, "missing_textures": missing, **job.get("extra_meta", {})})
-    return {"status": "ok", "sha256": sha256, "timings": timings, "warnings": warnings}
+        "warnings": warnings, "missing_textures": missing, "quality": quality, **job.get("extra_meta", {})})
+    return {"status": "ok", "sha256": sha256, "timings": timings, "warnings": warnings, "quality": manifest_quality(quality)}
 
 
 def main(job_path: str) -> int:

@@ -30,3 +30,14 @@ def test_gpu_bench_full_size_on_a_cpu_says_so():
                        timeout=300)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("bench/gpu.py: no GPU here")
+
+
+def test_train_bench_reads_sd21_size_shards_and_measures_attention():
+    r = subprocess.run([sys.executable, "bench/train.py", "--objects", "30", "--micro-batches", "2", "--steps", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert set(result["loader"]["workers"]) == {"0", "1", "2"}
+    assert all(row["objects_per_second"] > 0 for row in result["loader"]["workers"].values())
+    assert result["loader"]["objects_per_micro_batch"] == 24               # the sd21 preset's micro-batch
+    assert result["attention_tiny"]["multiview_s"] > 0 and result["attention_tiny"]["per_view_s"] > 0

@@ -141,7 +141,16 @@ def test_prepare_encodes_once_then_only_new_and_rerendered_objects(render_copy):
     fourth = prepare_tiny(render_copy)
     assert fourth.stats["broken"] == 1 and "missing view fixed/007.png" in fourth.broken["zz-broken"]
     assert "zz-broken" not in {o.uid for o in fourth.objects()}
-    assert prepare_tiny(render_copy).stats["encoded"] == 0                       # recorded, not retried
+    again = prepare_tiny(render_copy)
+    assert again.stats["encoded"] == 0, (again.stats, fourth.broken, again.broken)                       # recorded, not retried
+    # Quality flags travel from meta.json into the index; the exclusion rule is applied when reading it.
+    import json
+    meta = json.loads((objs[0].path / "meta.json").read_text())
+    (objs[0].path / "meta.json").write_text(json.dumps({**meta, "quality": {"flags": ["dark", "unlit"]}}))
+    fifth = prepare_tiny(render_copy)
+    assert fifth.stats["encoded"] == 1 and fifth.flags == {objs[0].uid: ["dark", "unlit"]}
+    assert objs[0].uid not in {o.uid for o in fifth.objects(exclude=SampleConfig().exclude_flags)}
+    assert objs[0].uid in {o.uid for o in fifth.objects(exclude=["magenta"])}
     ds = MultiViewDataset(fourth.objects("train", 0.0), cfg=SampleConfig(image_size=32))
     batch = collate([ds[k] for k in next(iter(BranchBatchSampler(len(ds), 2, seed=0)))])
     assert batch["encoded"] and batch["clip_embedding"].shape == (2, 64)

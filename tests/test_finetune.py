@@ -156,6 +156,11 @@ def test_finetune_bad_input_is_one_clear_line(two_objects, tmp_path, capsys, arg
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert finetune_main(["--stage", "1", "--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    capsys.readouterr()
+    assert finetune_main(["--stage", "1", "--data", str(two_objects)]) == 2          # --output: only --prepare may omit it
+    assert "--output: required" in capsys.readouterr().err
+    assert finetune_main(["--stage", "1", "--data", str(two_objects), "prepare.dtype=float8"]) == 2
+    assert "prepare.dtype 'float8'" in capsys.readouterr().err
 
 
 def test_tiny_model_conditions_on_standardised_embeddings(two_objects, tmp_path):

@@ -212,3 +212,52 @@ def test_a_run_where_every_object_fails_exits_non_zero_and_bad_input_writes_noth
     assert {(e["status"], e["reason"]) for e in latest.values()} == {("failed", "unreadable")}
     assert render_main(["--source", str(tmp_path / "no-such-folder"), "--output", str(tmp_path / "out2"), *SMALL]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+def test_unlit_materials_render_as_gltf_viewers_show_them_and_black_ones_are_flagged(tmp_path):
+    """KHR_materials_unlit: glTF viewers show the base colour, flat and unshaded, and ignore emissiveFactor.
+    An unlit red box renders (255, 0, 0) in every object pixel; an unlit box whose base colour is black and
+    whose colour is only in emissiveFactor (a Sketchfab export pattern) renders black, as in the viewers, and
+    is flagged dark + unlit_black; the same material without the extension shows its emission, unflagged."""
+    from tests.material_glbs import box_glb
+    src = tmp_path / "src"
+    src.mkdir()
+    box_glb(src / "lit-red.glb")
+    box_glb(src / "unlit-red.glb", unlit=True)
+    box_glb(src / "unlit-black.glb", base_color=(0, 0, 0, 1), unlit=True, emissive=(1.0, 0.5, 0.0))
+    box_glb(src / "lit-black-emissive.glb", base_color=(0, 0, 0, 1), emissive=(1.0, 0.5, 0.0))
+    out = tmp_path / "out"
+    assert render_main(["--source", str(src), "--output", str(out), *SMALL]) == 0
+    manifest = RenderRoot(out).latest()
+
+    def object_pixels(uid):
+        views = [v.reshape(-1, 4) for s in ("random", "fixed") for v in load_views(out / "objects" / uid, s)]
+        px = np.concatenate(views)
+        return px[px[:, 3] == 255, :3].astype(float)
+
+    quality = {uid: json.loads((out / "objects" / uid / "meta.json").read_text())["quality"] for uid in manifest}
+    assert {uid: manifest[uid]["quality"]["flags"] for uid in manifest} == {uid: q["flags"] for uid, q in quality.items()}
+    assert quality["unlit-red.glb"]["flags"] == ["unlit"] and quality["unlit-red.glb"]["unlit_materials"] == ["paint"]
+    red = object_pixels("unlit-red.glb")
+    assert len(red) > 1000 and np.abs(red - [255, 0, 0]).max() <= 3          # flat base colour, unshaded
+    assert object_pixels("lit-red.glb").std(0)[0] > 10 and quality["lit-red.glb"]["flags"] == []   # shaded
+    assert quality["unlit-black.glb"]["flags"] == ["dark", "unlit", "unlit_black"]
+    assert object_pixels("unlit-black.glb").max() <= 3
+    assert quality["lit-black-emissive.glb"]["flags"] == [] and quality["lit-black-emissive.glb"]["mean_luminance"] > 0.5
+    assert len(quality["unlit-red.glb"]["coverage"]) == 32 and min(quality["unlit-red.glb"]["coverage"]) > 0.05
+
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert render_main(["--report", str(out)]) == 0
+    report = json.loads(printed.getvalue())
+    assert report["status"] == {"ok": 4} and report["flags"] == {"dark": 1, "unlit": 2, "unlit_black": 1}
+    assert [s["uid"] for s in report["suspects"]] == ["unlit-black.glb", "unlit-red.glb"]   # most flags first
+    assert report["figures"]["mean_luminance"]["min"] == quality["unlit-black.glb"]["mean_luminance"]
+    page = (out / "report.html").read_text()
+    assert "objects/unlit-black.glb/preview.png" in page and "dark, unlit, unlit_black" in page
+    assert Image.open(out / "report" / "suspects.png").size == (8 * 32, 32)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert render_main(["--report", str(src)]) == 2
+    assert "no manifest.jsonl" in err.getvalue() and err.getvalue().count("\n") == 1
