@@ -42,6 +42,7 @@ from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_te
 from common.config import from_dict
 from dataset.views import VIEW_SETS, BrokenObject, RenderedObject, split_of
 from render.cameras import NUM_VIEWS
+from render.layout import object_dir, object_dirs
 
 PREPARED_DIR = Path("cache") / "prepared"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,12 +89,10 @@ def fingerprint(obj_dir: Path) -> str:
 
 
 def list_objects(render_root: Path) -> dict[str, str]:
-    """{uid: fingerprint} of every object folder: one directory listing and two stats per object."""
-    objects = Path(render_root) / "objects"
-    if not objects.is_dir():
+    """{uid: fingerprint} of every object folder: the bucket listings and two stats per object."""
+    if not (Path(render_root) / "objects").is_dir():
         raise FileNotFoundError(f"{render_root}: no objects/ folder (not a render output?)")
-    with os.scandir(objects) as it:
-        return {e.name: fingerprint(Path(e.path)) for e in it if not e.name.startswith(".") and e.is_dir()}
+    return {uid: fingerprint(path) for uid, path in object_dirs(render_root).items()}
 
 
 def read_shard_metadata(shards: Path, present: dict[str, str]) -> dict[str, tuple[str, Optional[str], list[str]]]:
@@ -128,7 +127,7 @@ def prepare_shard(model_cfg_dict: dict, render_root: str, uids: list[str], finge
     records, broken = {}, {}
     for uid in uids:
         try:
-            obj = RenderedObject.open(Path(render_root) / "objects" / uid)
+            obj = RenderedObject.open(object_dir(Path(render_root), uid))
         except BrokenObject as e:
             broken[uid] = (fingerprints[uid], str(e))
             continue

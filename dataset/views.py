@@ -1,7 +1,7 @@
-"""Read one rendered object (the layout render/ writes: OUTPUT/objects/<uid>/ with random/, fixed/,
+"""Read one rendered object (the layout render/ writes: OUTPUT/objects/<bucket>/<uid>/ with random/, fixed/,
 cameras.json, meta.json; README "Render") into tensors on a white background.
 
-    obj = RenderedObject.open(render_root / "objects" / uid)     # raises BrokenObject with the reason
+    obj = RenderedObject.open(object_dir(render_root, uid))       # raises BrokenObject with the reason
     img = obj.image("random", 3, size=32)                         # [3, H, W] in [-1, 1]
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from render.cameras import NUM_VIEWS
+from render.layout import object_dirs
 from render.preview import on_white
 
 VIEW_SETS = ("random", "fixed")
@@ -95,16 +96,13 @@ def split_of(uid: str, val_percent: float) -> str:
 def scan(render_root: Path, split: str | None = None, val_percent: float = 5.0) -> tuple[list[RenderedObject], dict[str, str]]:
     """Every complete object under render_root/objects (of one split), and {uid: reason} for broken ones."""
     good, broken = [], {}
-    objects = Path(render_root) / "objects"
-    if not objects.is_dir():
+    if not (Path(render_root) / "objects").is_dir():
         raise FileNotFoundError(f"{render_root}: no objects/ folder (not a render output?)")
-    for d in sorted(objects.iterdir()):
-        if d.name.startswith(".") or not d.is_dir():
-            continue
-        if split is not None and split_of(d.name, val_percent) != split:
+    for uid, d in sorted(object_dirs(render_root).items()):
+        if split is not None and split_of(uid, val_percent) != split:
             continue
         try:
             good.append(RenderedObject.open(d))
         except BrokenObject as e:
-            broken[d.name] = str(e)
+            broken[uid] = str(e)
     return good, broken

@@ -27,6 +27,7 @@ from dataset.prepared import PreparedIndex, PrepareConfig, prepare
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
 from dataset.views import RenderedObject
 from model import checkpoint
+from render.layout import object_dir
 from model.mvmodel import ModelConfig, MultiViewModel
 
 log = logging.getLogger("finetune")
@@ -297,7 +298,7 @@ def validation_objects(cfg: TrainConfig, data_dir: Path, index: PreparedIndex) -
     training object and, when val_percent holds any out, the first held-out one."""
     exclude = cfg.data.exclude_flags
     shown = index.objects("train", cfg.val_percent, exclude)[:1] + index.objects("val", cfg.val_percent, exclude)[:1]
-    return MultiViewDataset([RenderedObject.open(data_dir / "objects" / o.uid) for o in shown], index, cfg.data)
+    return MultiViewDataset([RenderedObject.open(object_dir(data_dir, o.uid)) for o in shown], index, cfg.data)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 photometric loss instead of score distillation. It proves the machinery (cameras, axes, export
 orientation) against ground truth, and turns any posed RGBA views into a mesh.
 
-    python pipelines/generate.py --views OUTPUT/objects/<uid>       # a rendered object: fits its random views
+    python pipelines/generate.py --views OUTPUT/objects/<bb>/<uid>  # a rendered object: fits its random views
     result = reconstruct(Path(views_dir), Path("outputs/reconstruct"), ReconstructConfig.tiny())
 
 Input: a folder in render/'s layout: cameras.json (OpenCV camera-to-world `c2w` per view, `K`, `width`,

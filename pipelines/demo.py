@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a clone without install
 
 from common.atomic import atomic_write_json, replace_dir  # noqa: E402
 from common.config import ConfigError, config_hash, load_config, save_config  # noqa: E402
+from render.layout import object_dir, object_dirs  # noqa: E402
 
 STAGES = ("render", "stage1", "stage2", "generate")
 ROLES = ("seen", "held_out")
@@ -188,7 +189,7 @@ def latest_checkpoint(run: Path) -> Path:
 def demo_objects(render_dir: Path, cfg: DemoConfig) -> dict[str, str]:
     """{"seen": a training object's uid, "held_out": a held-out object's uid}."""
     from dataset.views import split_of
-    uids = sorted(p.name for p in (render_dir / "objects").iterdir() if p.is_dir())
+    uids = sorted(object_dirs(render_dir))
     chosen = {}
     for role, split, setting in (("seen", "train", cfg.generate.seen), ("held_out", "val", cfg.generate.held_out)):
         group = [u for u in uids if split_of(u, cfg.val_percent) == split]
@@ -271,7 +272,7 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
         from dataset.views import RenderedObject
         from optimize3d.evaluate import evaluate_run, sample_metrics, sampled_view_pairs
         for role, uid in chosen.items():
-            obj_dir = render_dir / "objects" / uid
+            obj_dir = object_dir(render_dir, uid)
             (w / role).mkdir(exist_ok=True)
             image = w / role / f"{uid}.png"
             shutil.copyfile(obj_dir / "fixed" / "000.png", image)   # azimuth 0: the run's frame is the object's
@@ -300,7 +301,7 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
     for role, uid in chosen.items():
         run = next(p for p in (gen_dir / role).iterdir() if p.is_dir() and (p / "metrics.json").is_file())
         metrics = json.loads((run / "metrics.json").read_text())
-        objects[role] = {"object": uid, "run": str(run), "ground_truth": str(render_dir / "objects" / uid),
+        objects[role] = {"object": uid, "run": str(run), "ground_truth": str(object_dir(render_dir, uid)),
                          "2d": metrics["2d"], "3d": metrics["3d"], "targets": targets_met(metrics)}
         if "error" in metrics:
             objects[role]["error"] = metrics["error"]

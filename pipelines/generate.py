@@ -3,7 +3,7 @@
     python pipelines/generate.py --image photo.png --checkpoint runs/stage2/checkpoints/step-000100
     python pipelines/generate.py --images photos/ --checkpoint CKPT --config sd21 --output out/
     python pipelines/generate.py --image a.png --checkpoint CKPT --steps 200 export.threshold=8 nerf.hidden=64
-    python pipelines/generate.py --views OUTPUT/objects/UID    # reconstruction from posed views, no model
+    python pipelines/generate.py --views OUTPUT/objects/BB/UID # reconstruction from posed views, no model
 
 Input: PNG, JPEG or WebP. RGBA is composited on white with its alpha; RGB is taken as already on a plain
 (ideally white) background, nothing is segmented. Only the image's CLIP embedding conditions the model.

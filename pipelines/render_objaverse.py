@@ -9,7 +9,7 @@
     python pipelines/render_objaverse.py --report /shared/renders     # report.html: failures, quality flags
 
 Each object is rendered in its own Blender process (timeout, process group killed), its folder
-appears under OUTPUT/objects/<uid>/ only when complete, and every attempt is a line of
+appears under OUTPUT/objects/<bb>/<uid>/ (<bb>: a hash of the uid, render/layout.py) only when complete, and every attempt is a line of
 OUTPUT/manifest.jsonl. A rerun skips objects already complete with the same render settings.
 Each rendered object gets quality figures and flags (meta.json "quality", render/quality.py: nearly
 empty views, dark, missing-texture magenta, unlit materials); training leaves flagged objects out by a

@@ -212,6 +212,7 @@ def write_render_report(root: Path, suspects_shown: int = 32) -> dict:
     flags, then darkest) as images. Returns the numbers it shows."""
     from PIL import Image
 
+    from render.layout import object_dir
     from render.preview import grid, on_white
     from render.shards import RenderRoot
     root = Path(root).resolve()
@@ -235,7 +236,7 @@ def write_render_report(root: Path, suspects_shown: int = 32) -> dict:
             figures[k].append(q[k])
         for f in q["flags"]:
             flags[f] = flags.get(f, 0) + 1
-        if q["flags"] and (root / "objects" / uid / "fixed" / "000.png").is_file():
+        if q["flags"] and (object_dir(root, uid) / "fixed" / "000.png").is_file():
             suspects.append((-len(q["flags"]), q["mean_luminance"], uid, q["flags"]))
     suspects.sort()
     shown = suspects[:suspects_shown]
@@ -246,9 +247,9 @@ def write_render_report(root: Path, suspects_shown: int = 32) -> dict:
     out_dir.mkdir(exist_ok=True)
     cells = []
     if shown:
-        tiles = [on_white(Image.open(root / "objects" / uid / "fixed" / "000.png")) for _, _, uid, _ in shown]
+        tiles = [on_white(Image.open(object_dir(root, uid) / "fixed" / "000.png")) for _, _, uid, _ in shown]
         grid(tiles, columns=8).save(out_dir / "suspects.png")
-        cells = [_figure(root / "objects" / uid / "preview.png", root, f"{uid}: {', '.join(f)}", height=96)
+        cells = [_figure(object_dir(root, uid) / "preview.png", root, f"{uid}: {', '.join(f)}", height=96)
                  for _, _, uid, f in shown]
     rows = lambda d: "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in d.items())  # noqa: E731
     failure_rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td><td>{html.escape(examples[r][0][0])}: "

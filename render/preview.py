@@ -1,6 +1,6 @@
 """View grids of a rendered object, composited on white, for people to look at.
 
-    python -m render.preview OUTPUT/objects/<uid>      # writes OUTPUT/objects/<uid>/preview.png
+    python -m render.preview OUTPUT/objects/<bb>/<uid>   # writes its preview.png
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     root = RenderRoot(Path("renders"))
     summary = render_all(root, refs, cfg, address=None)   # Ray, one task per object
 
-Completeness is the atomic rename of `objects/.tmp-<uid>-*` to `objects/<uid>`; an object whose
+Completeness is the atomic rename of `objects/<bb>/.tmp-<uid>-*` to `objects/<bb>/<uid>` (render/layout.py); an object whose
 meta.json carries the current settings key is complete and skipped on a rerun.
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ from pathlib import Path
 
 from common.atomic import append_line, replace_dir
 from render.cameras import NUM_VIEWS
+from render.layout import object_dir, object_dirs
 from render.quality import manifest_quality
 from render.settings import RenderConfig, RenderSettings
-from render.sources import ObjectRef, resolve
+from render.sources import ObjectRef, objaverse_annotations, resolve
 
 log = logging.getLogger("render")
 PERMANENT = ("unreadable", "import_error", "empty_scene")
@@ -87,10 +88,14 @@ class RenderRoot:
 
     def is_complete(self, uid: str, key: str) -> bool:
         try:
-            meta = json.loads((self.objects / uid / "meta.json").read_text())
+            meta = json.loads((object_dir(self.path, uid) / "meta.json").read_text())
         except (OSError, ValueError):
             return False
         return meta.get("settings_key") == key
+
+    def object_uids(self) -> set[str]:
+        """The complete objects' uids (one listing per bucket, render/layout.py)."""
+        return set(object_dirs(self.path))
 
     def record(self, entry: dict) -> None:
         append_line(self.manifest, json.dumps(entry, sort_keys=True))
@@ -105,10 +110,14 @@ class RenderRoot:
                     out[entry["uid"]] = entry
         return out
 
+    def _work_in_progress(self, pattern: str) -> list[Path]:
+        """Matches of `pattern` in objects/ and in its buckets (render/layout.py), where renders are built."""
+        return [*self.objects.glob(pattern), *self.objects.glob(f"*/{pattern}")]
+
     def clean_stale(self) -> int:
         """Remove temporary folders whose owner is gone (its lock is free); returns how many."""
         removed = 0
-        for d in self.objects.glob(".tmp-*"):
+        for d in self._work_in_progress(".tmp-*"):
             if d.suffix == ".lock" or not d.is_dir():
                 continue
             lock = d.with_name(d.name + ".lock")
@@ -120,9 +129,9 @@ class RenderRoot:
                 shutil.rmtree(d, ignore_errors=True)
                 removed += 1
             lock.unlink(missing_ok=True)
-        for d in self.objects.glob(".trash-*"):
+        for d in self._work_in_progress(".trash-*"):
             shutil.rmtree(d, ignore_errors=True)
-        for lock in self.objects.glob(".tmp-*.lock"):
+        for lock in self._work_in_progress(".tmp-*.lock"):
             if not lock.with_suffix("").exists():
                 lock.unlink(missing_ok=True)
         return removed
@@ -163,13 +172,16 @@ def _log_tail(path: Path, start: int) -> str:
 
 
 def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, threads: int,
-               timeout: float, objaverse_dir: str | None = None) -> dict:
-    """Render one object in a fresh Blender process (this runs inside a Ray task)."""
+               timeout: float, objaverse_dir: str | None = None, annotations: dict | None = None) -> dict:
+    """Render one object in a fresh Blender process (this runs inside a Ray task); `annotations` go into
+    its meta.json."""
     root = RenderRoot(Path(root_path))
     started = time.time()
     entry = {"uid": ref.uid, "original_id": ref.original_id, "source": ref.source,
              "host": socket.gethostname(), "sha256": None}
-    tmp = root.objects / f".tmp-{ref.uid}-{uuid.uuid4().hex[:8]}"
+    final = object_dir(root.path, ref.uid)
+    final.parent.mkdir(exist_ok=True)              # the object's bucket (render/layout.py)
+    tmp = final.parent / f".tmp-{ref.uid}-{uuid.uuid4().hex[:8]}"
     lock_path = tmp.with_name(tmp.name + ".lock")
     clean_stale_scratch()
     # Locked before it gets the name clean_stale_scratch looks for, so no cleaner sees it unowned.
@@ -189,7 +201,7 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             try:
-                src, annotations = resolve(ref, objaverse_dir)
+                src = resolve(ref, objaverse_dir)
             except Exception as e:
                 return {**failed("download_error", f"{type(e).__name__}: {e}"), "log_tail": ""}
             tmp.mkdir()
@@ -232,7 +244,7 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
             pngs = sum(1 for _ in tmp.glob("*/*.png"))
             if pngs != 2 * NUM_VIEWS or not (tmp / "meta.json").exists() or not (tmp / "cameras.json").exists():
                 return failed("crash", f"incomplete output ({pngs} views)")
-            replace_dir(tmp, root.objects / ref.uid)
+            replace_dir(tmp, final)
             return {**entry, "status": "ok", "reason": None, "warnings": result.get("warnings", []),
                     "quality": result.get("quality"), "timings": result.get("timings"), "seconds": time.time() - started}
         finally:
@@ -243,6 +255,30 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
 
 
 # --------------------------------------------------------------------------- many objects
+
+def plan(root: RenderRoot, selected: list[tuple[ObjectRef, int]], key: str) -> tuple[list, int]:
+    """(objects to render, how many are complete already) with one listing of objects/ and one read of the
+    manifest: an object is complete when its folder exists and its last manifest line is ok with these
+    settings. Only a folder without such a line (its run killed before the line was written) has its
+    meta.json read; when that says complete, the missing line is written."""
+    on_disk = root.object_uids()
+    recorded = root.latest()
+    todo, skipped = [], 0
+    for r, s in selected:
+        last = recorded.get(r.uid, {})
+        if r.uid in on_disk and last.get("status") == "ok" and last.get("settings_key") == key:
+            skipped += 1
+        elif r.uid in on_disk and root.is_complete(r.uid, key):
+            meta = json.loads((object_dir(root.path, r.uid) / "meta.json").read_text())
+            root.record({"uid": r.uid, "original_id": r.original_id, "source": r.source, "shard": s,
+                         "status": "ok", "reason": None, "sha256": meta.get("sha256"), "settings_key": key,
+                         "quality": manifest_quality(meta["quality"]) if "quality" in meta else None,
+                         "seconds": None, "recovered": True})
+            skipped += 1
+        else:
+            todo.append((r, s))
+    return todo, skipped
+
 
 def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: RenderConfig,
                address: str | None = None, objaverse_dir: str | None = None, progress: bool = True) -> dict:
@@ -255,26 +291,14 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
     settings.validate()
     key = settings.key()
     root.clean_stale()
-    todo, done_before = [], []
-    for r, s in selected:
-        (done_before if root.is_complete(r.uid, key) else todo).append((r, s))
-    recorded = root.latest()
-    for r, s in done_before:
-        # Finished by a run that was killed before it could write its manifest line.
-        last = recorded.get(r.uid, {})
-        if not (last.get("status") == "ok" and last.get("settings_key") == key):
-            meta = json.loads((root.objects / r.uid / "meta.json").read_text())
-            root.record({"uid": r.uid, "original_id": r.original_id, "source": r.source, "shard": s,
-                         "status": "ok", "reason": None, "sha256": meta.get("sha256"), "settings_key": key,
-                         "quality": manifest_quality(meta["quality"]) if "quality" in meta else None,
-                         "seconds": None, "recovered": True})
-    skipped = len(done_before)
+    todo, skipped = plan(root, selected, key)
     summary = {"selected": len(selected), "skipped": skipped, "ok": 0, "failed": 0, "retried": 0,
                "failures": {}, "settings_key": key}
     log.info("%d objects selected, %d already complete, %d to render", len(selected), skipped, len(todo))
     if not todo:
         return summary
 
+    annotations = objaverse_annotations([r for r, _ in todo], objaverse_dir)
     local_cpus = max(1, (cfg.num_workers or os.cpu_count() or 1) * cfg.cpus_per_task)
     init_ray(address, num_cpus=None if address or os.environ.get("RAY_ADDRESS") else local_cpus)
     import ray   # after init_ray: it sets the environment Ray reads at import
@@ -291,7 +315,7 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
             while pending and len(inflight) < workers:
                 ref, shard, attempt = pending.popleft()
                 handle = task.remote(ref, asdict(settings), str(root.path), cfg.device, cfg.cpus_per_task,
-                                     cfg.timeout, objaverse_dir)
+                                     cfg.timeout, objaverse_dir, annotations.get(ref.uid))
                 inflight[handle] = (ref, shard, attempt, time.time())
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
             for handle, (ref, shard, attempt, t0) in list(inflight.items()):

@@ -2,7 +2,9 @@
 
 Every source yields `ObjectRef(uid, original_id, locator, source)`. `uid` is safe as a path
 component; `locator` is what `resolve()` turns into a local file, inside the task that renders it
-(so Objaverse downloads happen in parallel, on the node that renders).
+(so Objaverse downloads happen in parallel, on the node that renders). For Objaverse the locator is the
+file's path in the repository, from its path index read once per run; annotations are read once per
+run too (`objaverse_annotations`), by the driver, for the objects it is about to render.
 
     refs = list_objects("demo", cache_dir)          # built-in procedural set, made with trimesh
     refs = list_objects("/data/models", cache_dir)  # a folder of GLB/glTF/OBJ/FBX/PLY/STL
@@ -10,8 +12,13 @@ component; `locator` is what `resolve()` turns into a local file, inside the tas
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
+import os
 import re
+import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +28,8 @@ SUPPORTED_SUFFIXES = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl")
 MAX_UID_LEN = 96
 DEMO_COUNT = 12
 DEMO_VERSION = 2  # bump when the generated objects change: it is part of their uids
+OBJAVERSE_URL = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
+ANNOTATION_FIELDS = ("name", "license", "uri", "user", "tags")
 DEMO_SHAPES = ("box", "sphere", "cylinder", "cone", "capsule", "torus", "table", "snowman")
 
 
@@ -96,8 +105,11 @@ def _objaverse(objaverse_dir: str | None):
 
 def objaverse_objects(uids: list[str] | None = None, lvis_categories: list[str] | None = None,
                       objaverse_dir: str | None = None) -> list[ObjectRef]:
+    """Objaverse's objects, each with its file's path in the repository as the locator: the 800k-entry
+    path index is read once here, never per object (objaverse.load_objects re-reads it at every call)."""
     objaverse = _objaverse(objaverse_dir)
-    available = objaverse.load_uids()
+    paths = objaverse._load_object_paths()    # the package's own index reader (load_uids is its keys)
+    available = list(paths)
     if lvis_categories:
         lvis = objaverse.load_lvis_annotations()
         unknown = [c for c in lvis_categories if c not in lvis]
@@ -111,23 +123,68 @@ def objaverse_objects(uids: list[str] | None = None, lvis_categories: list[str] 
         if missing:
             raise SourceError(f"--uids: {len(missing)} ids not in Objaverse (or not in the categories), e.g. {missing[:3]}")
         available = list(uids)
-    return [ObjectRef(sanitize_uid(u), u, u, "objaverse") for u in available]
+    return [ObjectRef(sanitize_uid(u), u, paths[u], "objaverse") for u in available]
 
 
-def resolve(ref: ObjectRef, objaverse_dir: str | None = None) -> tuple[Path, dict]:
-    """Local file of an object (downloading Objaverse objects into the package's cache) and any
-    annotations worth keeping in meta.json."""
-    if ref.source != "objaverse":
-        return Path(ref.locator), {}
-    objaverse = _objaverse(objaverse_dir)
-    paths = objaverse.load_objects([ref.locator], download_processes=1)
-    annotations = {}
+def objaverse_url() -> str:
+    """Where Objaverse's files are fetched from (the package's own source); ISO3D_OBJAVERSE_URL for a mirror."""
+    return os.environ.get("ISO3D_OBJAVERSE_URL", OBJAVERSE_URL).rstrip("/")
+
+
+def _fetch(rel: str, local: Path) -> None:
+    """One file of the Objaverse repository into the package's cache layout (a temporary name, then renamed),
+    as objaverse's own downloader does, without its glob over every downloaded file after each download
+    (quadratic over a run of 800k objects)."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
-        ann = objaverse.load_annotations([ref.locator]).get(ref.locator, {})
-        annotations = {k: ann.get(k) for k in ("name", "license", "uri", "user", "tags") if k in ann}
-    except Exception as e:  # annotations are nice to have; the render does not depend on them
-        annotations = {"error": f"annotations unavailable: {e}"}
-    return Path(paths[ref.locator]), annotations
+        urllib.request.urlretrieve(f"{objaverse_url()}/{rel}", tmp)
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _in_cache(objaverse_dir: str | None, rel: str) -> Path:
+    base = Path(_objaverse(objaverse_dir)._VERSIONED_PATH).resolve()
+    local = (base / rel).resolve()
+    if not local.is_relative_to(base):
+        raise SourceError(f"object path {rel!r} leaves the Objaverse cache")
+    return local
+
+
+def resolve(ref: ObjectRef, objaverse_dir: str | None = None) -> Path:
+    """Local file of an object; an Objaverse object is fetched into the package's cache if it is not there."""
+    if ref.source != "objaverse":
+        return Path(ref.locator)
+    local = _in_cache(objaverse_dir, ref.locator)
+    if not local.exists():
+        _fetch(ref.locator, local)
+    return local
+
+
+def objaverse_annotations(refs: list[ObjectRef], objaverse_dir: str | None = None) -> dict[str, dict]:
+    """{uid: name, license, uri, user, tags} of Objaverse objects, for their meta.json: each metadata file
+    (one per repository folder, ~5k objects) read once per call, fetched first if missing. An unreadable
+    file gives its objects {"error": ...}: annotations are nice to have, the render does not need them."""
+    by_dir: dict[str, list[ObjectRef]] = {}
+    for r in refs:
+        if r.source == "objaverse":
+            by_dir.setdefault(r.locator.split("/")[1], []).append(r)
+    out = {}
+    for folder, group in sorted(by_dir.items()):
+        rel = f"metadata/{folder}.json.gz"
+        try:
+            local = _in_cache(objaverse_dir, rel)
+            if not local.exists():
+                _fetch(rel, local)
+            with gzip.open(local, "rt") as f:
+                data = json.load(f)
+            for r in group:
+                ann = data.get(r.original_id, {})
+                out[r.uid] = {k: ann[k] for k in ANNOTATION_FIELDS if k in ann}
+        except Exception as e:
+            out.update({r.uid: {"error": f"annotations unavailable: {type(e).__name__}: {e}"} for r in group})
+    return out
 
 
 # --------------------------------------------------------------------------- demo

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from render.layout import object_dir
 from tests.conftest import ROOT
 
 # The 3D stage at toy size: the test is about the app, not about quality.
@@ -76,7 +77,7 @@ def generate(page, app, image) -> str:
 
 def test_upload_generate_view_and_download_the_mesh(app, browser, rendered_demo):
     page = browser.new_page()
-    image = rendered_demo / "objects" / "demo2-0-000-box" / "fixed" / "000.png"
+    image = object_dir(rendered_demo, "demo2-0-000-box") / "fixed" / "000.png"
     status = generate(page, app, image)
     assert status.startswith("done:")
     page.wait_for_selector("#mesh canvas")                            # the 3D viewer shows the mesh

@@ -9,6 +9,7 @@ from PIL import Image
 
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
 from dataset.views import BrokenObject, RenderedObject, scan, split_of
+from render.layout import object_dir, object_dirs
 from model.encoder import EncoderConfig, ImageEncoder
 
 
@@ -37,7 +38,7 @@ def test_open_and_composite_on_white(rendered_demo):
     (lambda d: (d / "cameras.json").write_text("{"), "cameras.json unreadable"),
 ])
 def test_broken_objects_are_reported_by_uid_and_left_out(render_copy, damage, reason):
-    victim = sorted((render_copy / "objects").iterdir())[1]
+    victim = sorted(object_dirs(render_copy).values())[1]
     damage(victim)
     objs, broken = scan(render_copy)
     assert victim.name not in [o.uid for o in objs] and len(objs) == 3
@@ -124,7 +125,7 @@ def test_prepare_encodes_once_then_only_new_and_rerendered_objects(render_copy):
     assert [p.stat().st_mtime_ns for p in sorted(first.root.glob("shards/*.safetensors"))] == stamps
 
     for new, source in (("zz-new-a", objs[0]), ("zz-new-b", objs[1])):
-        shutil.copytree(source.path, render_copy / "objects" / new)
+        shutil.copytree(source.path, object_dir(render_copy, new))
     third = prepare_tiny(render_copy)
     assert third.stats == {"objects": 6, "broken": 0, "encoded": 2, "shards_written": 1}
     new_shards = sorted(set(third.root.glob("shards/*.safetensors")) - set(shards))
@@ -135,7 +136,7 @@ def test_prepare_encodes_once_then_only_new_and_rerendered_objects(render_copy):
     os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 10**9))
     assert prepare_tiny(render_copy).stats["encoded"] == 1                       # the re-rendered object only
 
-    broken = render_copy / "objects" / "zz-broken"
+    broken = object_dir(render_copy, "zz-broken")
     shutil.copytree(objs[3].path, broken)
     (broken / "fixed" / "007.png").unlink()
     fourth = prepare_tiny(render_copy)

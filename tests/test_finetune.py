@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from dataset.samples import MultiViewDataset, SampleConfig, collate
 from model.mvmodel import ModelConfig, MultiViewModel
 from dataset.prepared import prepare
+from render.layout import object_dir, object_dirs
 from model.train import TrainConfig, train
 from pipelines.finetune import main as finetune_main
 
@@ -24,8 +25,8 @@ def tiny(stage=1, **kw):
 def two_objects(rendered_demo, tmp_path_factory):
     data = tmp_path_factory.mktemp("two")
     (data / "objects").mkdir()
-    for d in sorted((rendered_demo / "objects").iterdir())[:2]:
-        shutil.copytree(d, data / "objects" / d.name)
+    for uid, d in sorted(object_dirs(rendered_demo).items())[:2]:
+        shutil.copytree(d, object_dir(data, uid))
     return data
 
 

@@ -14,6 +14,7 @@ import trimesh
 from PIL import Image
 
 from optimize3d.inputs import InputImageError, load_input_image
+from render.layout import object_dirs
 from tests.conftest import ROOT
 
 SCRIPT = str(ROOT / "pipelines" / "generate.py")
@@ -27,7 +28,7 @@ def run(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def input_image(rendered_demo, tmp_path_factory):
-    src = sorted((rendered_demo / "objects").iterdir())[0] / "random" / "003.png"
+    src = sorted(object_dirs(rendered_demo).values())[0] / "random" / "003.png"
     path = tmp_path_factory.mktemp("inputs") / "object.png"
     path.write_bytes(src.read_bytes())
     return path

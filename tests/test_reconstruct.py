@@ -19,6 +19,7 @@ import trimesh
 
 from optimize3d.evaluate import volume_iou
 from optimize3d.reconstruct import exported_mesh_z_up, source_mesh
+from render.layout import object_dirs
 from tests.conftest import ROOT
 
 SCRIPT = str(ROOT / "pipelines" / "generate.py")
@@ -37,7 +38,7 @@ def rendered_shapes(tmp_path_factory):
     subprocess.run([sys.executable, str(ROOT / "pipelines" / "render_objaverse.py"), "--source", str(src),
                     "--output", str(out), "--resolution", "64", "--samples", "4", "--denoiser", "none", "--no-progress"],
                    check=True, capture_output=True, timeout=600)
-    return {p.name.split("-")[-1].removesuffix(".glb"): p for p in (out / "objects").iterdir()}
+    return {uid.split("-")[-1].removesuffix(".glb"): p for uid, p in object_dirs(out).items()}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipelines.render_objaverse import main as render_main
 from render import cameras
+from render.layout import bucket, object_dir
 from render.preview import on_white
 from render.shards import RenderRoot, render_one
 from render.sources import ObjectRef, sanitize_uid
@@ -39,7 +40,8 @@ def test_real_glbs_give_32_views_cameras_and_meta(assets):
     latest = assets.latest()
     assert {e["status"] for e in latest.values()} == {"ok"} and len(latest) == 4
     for uid in ["Box.glb", "BoxTextured.glb", "Duck.glb", "FlatCard.glb"]:
-        obj = assets.objects / uid
+        obj = object_dir(assets.path, uid)
+        assert obj == assets.objects / bucket(uid) / uid                 # nested by a hash of the uid
         cams = json.loads((obj / "cameras.json").read_text())
         meta = json.loads((obj / "meta.json").read_text())
         assert cams["convention"] == "opencv" and cams["width"] == 64
@@ -55,7 +57,7 @@ def test_real_glbs_give_32_views_cameras_and_meta(assets):
         assert meta["hdri"]["name"] in {"city", "courtyard", "forest", "interior", "night", "studio", "sunrise", "sunset"}
         assert meta["blender_version"].startswith("5.0") and meta["sha256"] == latest[uid]["sha256"]
         assert (obj / "preview.png").exists()
-    duck = json.loads((assets.objects / "Duck.glb" / "meta.json").read_text())
+    duck = json.loads((object_dir(assets.path, "Duck.glb") / "meta.json").read_text())
     assert duck["bbox_before"]["max"][2] - duck["bbox_before"]["min"][2] == pytest.approx(17.02, abs=0.05)
 
 
@@ -92,7 +94,7 @@ def check_projection(obj: Path, size: int, whole: bool) -> int:
 
 @pytest.mark.parametrize("uid", ["Box.glb", "BoxTextured.glb", "Duck.glb", "FlatCard.glb"])
 def test_projected_bbox_matches_the_alpha(assets, uid):
-    visible = check_projection(assets.objects / uid, 64, whole=False)
+    visible = check_projection(object_dir(assets.path, uid), 64, whole=False)
     assert visible >= (28 if uid == "FlatCard.glb" else 32)
 
 
@@ -101,15 +103,15 @@ def test_sphere_normalisation_keeps_the_whole_object_in_every_view(tmp_path):
     assert render_main(["--source", str(DATA / "glb"), "--output", str(out), *SMALL, "--resolution", "48",
                         "settings.normalise=sphere"]) == 0
     for uid in ["Box.glb", "BoxTextured.glb", "Duck.glb", "FlatCard.glb"]:
-        assert check_projection(out / "objects" / uid, 48, whole=True) >= (28 if uid == "FlatCard.glb" else 32)
+        assert check_projection(object_dir(out, uid), 48, whole=True) >= (28 if uid == "FlatCard.glb" else 32)
         for view_set in ("random", "fixed"):
-            for img in load_views(out / "objects" / uid, view_set):
+            for img in load_views(object_dir(out, uid), view_set):
                 alpha = img[..., 3]
                 assert alpha[0].max() == alpha[-1].max() == alpha[:, 0].max() == alpha[:, -1].max() == 0
 
 
 def test_background_is_transparent_and_composites_to_white(assets):
-    img = Image.open(assets.objects / "Duck.glb" / "fixed" / "000.png")
+    img = Image.open(object_dir(assets.path, "Duck.glb") / "fixed" / "000.png")
     rgba = np.asarray(img)
     assert rgba[0, 0, 3] == 0 and rgba[..., 3].max() == 255
     white = np.asarray(on_white(img))
@@ -119,19 +121,19 @@ def test_background_is_transparent_and_composites_to_white(assets):
 
 
 def test_rerun_skips_and_changed_setting_renders_again(assets):
-    before = {p: p.stat().st_mtime_ns for p in assets.objects.glob("*/meta.json")}
+    before = {p: p.stat().st_mtime_ns for p in assets.objects.glob("*/*/meta.json")}
     args = ["--source", str(DATA / "glb"), "--output", str(assets.path), *SMALL, "--resolution", "64"]
     assert render_main(args) == 0
-    assert {p: p.stat().st_mtime_ns for p in assets.objects.glob("*/meta.json")} == before
+    assert {p: p.stat().st_mtime_ns for p in assets.objects.glob("*/*/meta.json")} == before
     summary = json.loads(sorted((assets.path / "runs").glob("*/summary.json"))[-1].read_text())
     assert (summary["skipped"], summary["ok"]) == (4, 0)
     cmd = sorted((assets.path / "runs").glob("*/cmd.txt"))[-1].read_text()
     assert "render_objaverse.py" in cmd and "--resolution 64" in cmd
     assert render_main([*args, "--limit", "1", "--samples", "5"]) == 0   # one object, new settings
-    changed = [p for p in assets.objects.glob("*/meta.json") if p.stat().st_mtime_ns != before[p]]
+    changed = [p for p in assets.objects.glob("*/*/meta.json") if p.stat().st_mtime_ns != before[p]]
     assert [p.parent.name for p in changed] == ["Box.glb"]
     assert json.loads(changed[0].read_text())["settings"]["samples"] == 5
-    assert not list(assets.objects.glob(".*")), "no temporary or trash folders left"
+    assert not list(assets.objects.glob(".*")) and not list(assets.objects.glob("*/.*")), "no temporary or trash folders left"
 
 
 def test_hostile_set_is_classified_and_the_shard_completes(tmp_path):
@@ -145,7 +147,7 @@ def test_hostile_set_is_classified_and_the_shard_completes(tmp_path):
         assert (entry["status"], entry["reason"]) == (status, reason), (name, entry)
         if status == "failed":
             assert entry["error"] and "\n" not in entry["error"]
-            assert not (out / "objects" / entry["uid"]).exists()
+            assert not object_dir(out, entry["uid"]).exists()
     assert latest[sanitize_uid("hangs-on-open.obj")]["attempts"] == 2         # transient: retried once
     assert latest[sanitize_uid("random-bytes.glb")]["attempts"] == 1          # permanent: never retried
     assert "Bad GLB" in latest[sanitize_uid("truncated.glb")]["log_tail"]    # Blender's own words kept
@@ -153,14 +155,14 @@ def test_hostile_set_is_classified_and_the_shard_completes(tmp_path):
         meta = json.loads((out / "objects" / sanitize_uid(name) / "meta.json").read_text())
         extent = np.array(meta["bbox_after"]["max"]) - np.array(meta["bbox_after"]["min"])
         assert extent.max() == pytest.approx(1.0, abs=1e-3), name
-    multi = json.loads((out / "objects" / "multi-root.glb" / "meta.json").read_text())
+    multi = json.loads((object_dir(out, "multi-root.glb") / "meta.json").read_text())
     assert multi["bbox_after"]["min"][0] == pytest.approx(-0.5, abs=1e-3)  # both roots were scaled together
-    missing = json.loads((out / "objects" / "missing-texture.gltf" / "meta.json").read_text())
+    missing = json.loads((object_dir(out, "missing-texture.gltf") / "meta.json").read_text())
     assert any("missing.png" in m for m in missing["missing_textures"])
     unicode_meta = json.loads((out / "objects" / sanitize_uid("ünïcødé ☃ object.glb") / "meta.json").read_text())
     assert unicode_meta["original_id"] == "ünïcødé ☃ object.glb"
     assert render_worker_pids(out) == []
-    assert not list((out / "objects").glob(".*"))
+    assert not list((out / "objects").glob(".*")) and not list((out / "objects").glob("*/.*"))
 
 
 def test_objaverse_objects_render_from_the_package_cache(tmp_path):
@@ -174,7 +176,7 @@ def test_objaverse_objects_render_from_the_package_cache(tmp_path):
     assert sorted(latest) == sorted(["0a1b2c", sanitize_uid("../../escape")])
     assert {e["status"] for e in latest.values()} == {"ok"}
     assert not (tmp_path / "escape").exists() and not (out.parent / "escape").exists()
-    meta = json.loads((out / "objects" / "0a1b2c" / "meta.json").read_text())
+    meta = json.loads((object_dir(out, "0a1b2c") / "meta.json").read_text())
     assert meta["annotations"]["name"] == "object 0a1b2c" and meta["source"] == "objaverse"
 
 
@@ -188,7 +190,7 @@ def test_a_killed_blender_is_a_crash_and_leaves_nothing(tmp_path):
     thread = threading.Thread(target=lambda: result.update(render_one(ref, settings, str(root.path), "cpu", 1, 120)))
     thread.start()
     deadline = time.time() + 60
-    while time.time() < deadline and not list(root.objects.glob(".tmp-*/random/*.png")):
+    while time.time() < deadline and not list(root.objects.glob("*/.tmp-*/random/*.png")):
         time.sleep(0.05)
     import os
     import signal
@@ -197,7 +199,7 @@ def test_a_killed_blender_is_a_crash_and_leaves_nothing(tmp_path):
     thread.join(120)
     assert (result["status"], result["reason"]) == ("failed", "crash")
     assert "SIGKILL" in result["error"]
-    assert not (root.objects / "Duck.glb").exists() and not list(root.objects.glob(".tmp-*"))
+    assert not object_dir(root.path, "Duck.glb").exists() and not list(root.objects.glob("*/.tmp-*"))
     assert render_worker_pids(root.path) == []
 
 
@@ -231,11 +233,11 @@ def test_unlit_materials_render_as_gltf_viewers_show_them_and_black_ones_are_fla
     manifest = RenderRoot(out).latest()
 
     def object_pixels(uid):
-        views = [v.reshape(-1, 4) for s in ("random", "fixed") for v in load_views(out / "objects" / uid, s)]
+        views = [v.reshape(-1, 4) for s in ("random", "fixed") for v in load_views(object_dir(out, uid), s)]
         px = np.concatenate(views)
         return px[px[:, 3] == 255, :3].astype(float)
 
-    quality = {uid: json.loads((out / "objects" / uid / "meta.json").read_text())["quality"] for uid in manifest}
+    quality = {uid: json.loads((object_dir(out, uid) / "meta.json").read_text())["quality"] for uid in manifest}
     assert {uid: manifest[uid]["quality"]["flags"] for uid in manifest} == {uid: q["flags"] for uid, q in quality.items()}
     assert quality["unlit-red.glb"]["flags"] == ["unlit"] and quality["unlit-red.glb"]["unlit_materials"] == ["paint"]
     red = object_pixels("unlit-red.glb")

