@@ -27,8 +27,8 @@ from dataset.prepared import PreparedIndex, PrepareConfig, prepare
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
 from dataset.views import RenderedObject
 from model import checkpoint
-from render.layout import object_dir
 from model.mvmodel import ModelConfig, MultiViewModel
+from render.layout import object_dir
 
 log = logging.getLogger("finetune")
 RAY_POINTER = "iso3d-checkpoint.json"

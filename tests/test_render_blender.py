@@ -152,14 +152,14 @@ def test_hostile_set_is_classified_and_the_shard_completes(tmp_path):
     assert latest[sanitize_uid("random-bytes.glb")]["attempts"] == 1          # permanent: never retried
     assert "Bad GLB" in latest[sanitize_uid("truncated.glb")]["log_tail"]    # Blender's own words kept
     for name in ("tiny-1e-4.glb", "huge-1e4.glb", "multi-root.glb", "animated-rigged.glb", "nan-vertices.glb"):
-        meta = json.loads((out / "objects" / sanitize_uid(name) / "meta.json").read_text())
+        meta = json.loads((object_dir(out, sanitize_uid(name)) / "meta.json").read_text())
         extent = np.array(meta["bbox_after"]["max"]) - np.array(meta["bbox_after"]["min"])
         assert extent.max() == pytest.approx(1.0, abs=1e-3), name
     multi = json.loads((object_dir(out, "multi-root.glb") / "meta.json").read_text())
     assert multi["bbox_after"]["min"][0] == pytest.approx(-0.5, abs=1e-3)  # both roots were scaled together
     missing = json.loads((object_dir(out, "missing-texture.gltf") / "meta.json").read_text())
     assert any("missing.png" in m for m in missing["missing_textures"])
-    unicode_meta = json.loads((out / "objects" / sanitize_uid("ünïcødé ☃ object.glb") / "meta.json").read_text())
+    unicode_meta = json.loads((object_dir(out, sanitize_uid("ünïcødé ☃ object.glb")) / "meta.json").read_text())
     assert unicode_meta["original_id"] == "ünïcødé ☃ object.glb"
     assert render_worker_pids(out) == []
     assert not list((out / "objects").glob(".*")) and not list((out / "objects").glob("*/.*"))
