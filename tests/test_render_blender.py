@@ -258,7 +258,7 @@ def test_unlit_materials_render_as_gltf_viewers_show_them_and_black_ones_are_fla
     assert [s["uid"] for s in report["suspects"]] == ["unlit-black.glb", "unlit-red.glb"]   # most flags first
     assert report["figures"]["mean_luminance"]["min"] == quality["unlit-black.glb"]["mean_luminance"]
     page = (out / "report.html").read_text()
-    assert "objects/unlit-black.glb/preview.png" in page and "dark, unlit, unlit_black" in page
+    assert f"objects/{bucket('unlit-black.glb')}/unlit-black.glb/preview.png" in page and "dark, unlit, unlit_black" in page
     assert Image.open(out / "report" / "suspects.png").size == (8 * 32, 32)
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert render_main(["--report", str(src)]) == 2

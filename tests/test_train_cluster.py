@@ -16,7 +16,7 @@ def test_filesystem_types():
     assert not any(is_shared_filesystem(k) for k in ("ext4", "xfs", "tmpfs", "overlay", "btrfs"))
 
 
-def test_two_nodes_refuse_local_storage_then_train_with_shared_storage(rendered_demo, tmp_path):
+def test_two_nodes_refuse_local_storage_then_prepare_with_shared_storage(rendered_demo, tmp_path):
     finetune = [sys.executable, str(ROOT / "tests" / "ray_two_nodes.py"), sys.executable,
                 str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "tiny", "--data", str(rendered_demo),
                 "--max-steps", "1", "--num-workers", "2", "--address", "{address}", "sample_steps=1", "batch_size=1"]
