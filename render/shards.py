@@ -3,8 +3,9 @@
     root = RenderRoot(Path("renders"))
     summary = render_all(root, refs, cfg, address=None)   # Ray, one task per object
 
-Completeness is the atomic rename of `objects/<bb>/.tmp-<uid>-*` to `objects/<bb>/<uid>` (render/layout.py); an object whose
-meta.json carries the current settings key is complete and skipped on a rerun.
+Completeness is the atomic rename of `objects/<bb>/.tmp-<uid>-*` to `objects/<bb>/<uid>` (render/layout.py);
+an object whose folder exists and whose manifest line (or, failing that, meta.json) carries the current
+settings key is complete and skipped on a rerun.
 """
 from __future__ import annotations
 
