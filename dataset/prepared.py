@@ -27,7 +27,6 @@ use_gpu), on whichever nodes have room.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.config import from_dict
+from common.config import config_hash, from_dict
 from dataset.views import VIEW_SETS, BrokenObject, RenderedObject, split_of
 from render.cameras import NUM_VIEWS
 from render.layout import object_dir, object_dirs
@@ -74,7 +73,7 @@ def identity(model_cfg, cfg: PrepareConfig) -> str:
 
 
 def prepared_dir(render_root: Path, ident: str) -> Path:
-    return Path(render_root) / PREPARED_DIR / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return Path(render_root) / PREPARED_DIR / config_hash(ident)
 
 
 def fingerprint(obj_dir: Path) -> str:
@@ -176,7 +175,7 @@ def prepare(model_cfg, render_root: Path, cfg: PrepareConfig, num_workers: int =
     jobs = []
     for chunk in chunks:
         fps = {u: present[u] for u in chunk}
-        name = "shard-" + hashlib.sha256(json.dumps([ident, fps], sort_keys=True).encode()).hexdigest()[:16] + ".safetensors"
+        name = f"shard-{config_hash([ident, fps])}.safetensors"
         jobs.append((chunk, fps, str(root / "shards" / name)))
     args = (dataclasses.asdict(model_cfg), str(Path(render_root).resolve()))
     from tqdm import tqdm

@@ -327,12 +327,15 @@ def _ray_loop(config: dict) -> None:
                  kill_at=config["kill_at"])
 
 
-def connect_ray(address: Optional[str], num_workers: int, data_dir: Path, run_dir: Path, shared_storage: bool = False) -> None:
+def connect_ray(address: Optional[str], num_workers: int, data_dir: Path, run_dir: Optional[Path],
+                shared_storage: bool = False) -> None:
     """Join the cluster (or start a local Ray for num_workers) and check that a cluster of several nodes
-    can share data_dir and run_dir (ValueError otherwise). Idempotent: the CLI calls it before it writes."""
+    can share data_dir and run_dir (None: no run directory, the prepare step alone); ValueError otherwise.
+    Idempotent: the CLI calls it before it writes."""
     from common.ray_local import init_ray, require_shared_storage
     init_ray(address, num_cpus=None if address else max(num_workers, os.cpu_count() or 1))
-    require_shared_storage({"--data": Path(data_dir), "--output": Path(run_dir)}, assume_shared=shared_storage)
+    paths = {"--data": Path(data_dir), **({"--output": Path(run_dir)} if run_dir is not None else {})}
+    require_shared_storage(paths, assume_shared=shared_storage)
 
 
 def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] = None, resume: Optional[str] = None,

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     try:
         cfg, args.init = resolve(args)
         if args.num_workers:         # a multi-node cluster without shared storage is refused before anything is written
-            connect_ray(args.address, args.num_workers, args.data, args.output or args.data, args.shared_storage)
+            connect_ray(args.address, args.num_workers, args.data, args.output, args.shared_storage)
     except (ConfigError, ValueError, FileNotFoundError) as e:      # ConversionError is a ValueError
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
