@@ -69,6 +69,11 @@ class RenderConfig:
     """CPUs Ray reserves per object; also Cycles' thread count."""
     gpus_per_task: float = 0.0
     """GPUs Ray reserves per object (set e.g. 0.5 with --device optix)."""
+    objects_per_worker: int = 100
+    """Objects one Blender process renders, each from a factory-empty scene, before a fresh process takes
+    over (1: a process per object). A timeout or crash replaces the process at once."""
+    worker_max_rss_growth_mb: float = 2048.0
+    """A Blender process whose memory grew by more than this since its first object is replaced."""
     num_workers: Optional[int] = None
     """Objects rendered at once; default: every CPU of the local machine or cluster."""
     num_shards: int = 1

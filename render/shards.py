@@ -1,4 +1,4 @@
-"""Shards, the manifest, resume, and one Blender process per object under a timeout.
+"""Shards, the manifest, resume, and Blender worker processes that render objects in turn under a timeout.
 
     root = RenderRoot(Path("renders"))
     summary = render_all(root, refs, cfg, address=None)   # Ray, one task per object
@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import select as select_io   # (`select` below is the shard selection)
 import shutil
 import signal
 import socket
@@ -172,10 +173,117 @@ def _log_tail(path: Path, start: int) -> str:
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
-def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, threads: int,
-               timeout: float, objaverse_dir: str | None = None, annotations: dict | None = None) -> dict:
-    """Render one object in a fresh Blender process (this runs inside a Ray task); `annotations` go into
-    its meta.json."""
+class BlenderWorker:
+    """One Blender process (render/worker.py) that renders objects in turn, each from a factory-empty
+    scene. Replaced (a fresh process for the next object) after `max_objects` objects, when its memory
+    grew by more than `max_rss_growth_mb` since its first object, and after an object that timed out or
+    crashed it: such a failure kills this process group only and is that object's alone.
+
+    Its scratch folder (Blender's user resources, caches, TMPDIR) lives while the process does, owned
+    through an flock so that `clean_stale_scratch` removes it once its owner is gone."""
+
+    def __init__(self, root_path: str, max_objects: int = 1, max_rss_growth_mb: float = 2048.0):
+        self.root_path = str(Path(root_path).resolve())
+        self.max_objects, self.max_rss_growth_mb = max_objects, max_rss_growth_mb
+        self.proc: subprocess.Popen | None = None
+        self.started = 0          # processes started, for the benchmark
+        self.start_seconds = 0.0  # their start-up: first jobs' wall time less their time in the process
+
+    def _start(self, log) -> None:
+        clean_stale_scratch()
+        # Locked before it gets the name clean_stale_scratch looks for, so no cleaner sees it unowned.
+        pending = Path(tempfile.mkdtemp(prefix=".iso3d-pending-"))
+        self.owner = open(pending / OWNER_FILE, "w")          # held while the process lives
+        fcntl.flock(self.owner, fcntl.LOCK_EX)
+        self.scratch = pending.with_name(f"{SCRATCH_PREFIX}{os.getpid()}-{pending.name.rsplit('-', 1)[-1]}")
+        pending.rename(self.scratch)
+        env = {**os.environ, "BLENDER_USER_RESOURCES": str(self.scratch / "blender"),
+               "XDG_CACHE_HOME": str(self.scratch / "cache"), "TMPDIR": str(self.scratch),
+               "ISO3D_RENDER_ROOT": self.root_path, "PYTHONUNBUFFERED": "1"}
+        control_r, control_w = os.pipe()
+        # Output before the first job (Python and bpy start-up) goes to the log of the job that started it.
+        self.proc = subprocess.Popen([sys.executable, "-m", "render.worker", str(control_w)], stdin=subprocess.PIPE,
+                                     stdout=log, stderr=subprocess.STDOUT, pass_fds=(control_w,), env=env,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        os.close(control_w)
+        self.control = os.fdopen(control_r, "r")
+        self.objects, self.rss_first = 0, None
+        self.started += 1
+
+    def run(self, job: dict, timeout: float, log_path: Path) -> dict:
+        """Render `job` (render/worker.py's format, `log` set here) within `timeout` seconds: the worker's
+        result, or a failure {"status": "failed", "reason": "timeout" | "crash", "error"}."""
+        t0 = time.perf_counter()
+        first = self.proc is None
+        if first:
+            with open(log_path, "ab") as log:
+                self._start(log)
+        try:
+            self.proc.stdin.write((json.dumps({**job, "log": str(log_path)}) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass   # it died before reading the job: reported below as a crash
+        ready, _, _ = select_io.select([self.control], [], [], timeout)
+        if not ready:
+            self.close(kill=True)
+            return {"status": "failed", "reason": "timeout", "error": f"no result after {timeout:g} s; process group killed"}
+        line = self.control.readline()
+        if not line:
+            code = self.close(kill=True)
+            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+            return {"status": "failed", "reason": "crash", "error": f"Blender died ({how}) without a result"}
+        result = json.loads(line)
+        if first:
+            self.start_seconds += time.perf_counter() - t0 - result["seconds"]
+        self.objects += 1
+        rss = _rss_mb(self.proc.pid)
+        self.rss_first = self.rss_first if self.rss_first is not None else rss
+        if self.objects >= self.max_objects or rss - self.rss_first > self.max_rss_growth_mb:
+            self.close()
+        return result
+
+    def close(self, kill: bool = False) -> int | None:
+        """End the process (its stdin closed; killed with its group if `kill` or if it does not end within
+        30 s) and remove its scratch; returns its exit code. Returns only once the process is gone."""
+        if self.proc is None:
+            return None
+        if not kill:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill = True
+        try:   # anything it started goes with it
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        code = self.proc.wait()
+        for f in (self.proc.stdin, self.control):
+            try:
+                f.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.owner.close()
+        self.proc = None
+        return code
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, threads: int, timeout: float,
+               objaverse_dir: str | None = None, annotations: dict | None = None,
+               worker: BlenderWorker | None = None) -> dict:
+    """Render one object with `worker` (default: a fresh Blender process, ended afterwards) and commit its
+    folder; returns its manifest entry. `annotations` go into its meta.json."""
     root = RenderRoot(Path(root_path))
     started = time.time()
     entry = {"uid": ref.uid, "original_id": ref.original_id, "source": ref.source,
@@ -184,15 +292,12 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
     final.parent.mkdir(exist_ok=True)              # the object's bucket (render/layout.py)
     tmp = final.parent / f".tmp-{ref.uid}-{uuid.uuid4().hex[:8]}"
     lock_path = tmp.with_name(tmp.name + ".lock")
-    clean_stale_scratch()
-    # Locked before it gets the name clean_stale_scratch looks for, so no cleaner sees it unowned.
-    pending = Path(tempfile.mkdtemp(prefix=".iso3d-pending-"))
-    owner = open(pending / OWNER_FILE, "w")          # held until this task ends
-    fcntl.flock(owner, fcntl.LOCK_EX)
-    scratch = pending.with_name(f"{SCRATCH_PREFIX}{ref.uid[:40]}-{pending.name.rsplit('-', 1)[-1]}")
-    pending.rename(scratch)
     log_path = root.logs / f"{ref.uid}.log"
-    log_start = 0
+    log_start = log_path.stat().st_size if log_path.exists() else 0   # failed() reads it: attempts append to one log
+    one_shot = worker is None
+    worker = worker or BlenderWorker(root_path)
+    if worker.root_path != str(root.path.resolve()):
+        raise ValueError(f"this Blender worker renders into {worker.root_path}, not {root.path}")
 
     def failed(reason: str, error: str) -> dict:
         return {**entry, "status": "failed", "reason": reason, "error": error,
@@ -208,37 +313,10 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
             tmp.mkdir()
             job = {"input": str(src), "out_dir": str(tmp), "uid": ref.uid, "original_id": ref.original_id,
                    "source": ref.source, "settings": settings, "device": device, "threads": threads,
-                   "result": str(scratch / "result.json"),
                    "extra_meta": {"annotations": annotations} if annotations else {}}
-            (scratch / "job.json").write_text(json.dumps(job))
-            env = {**os.environ, "BLENDER_USER_RESOURCES": str(scratch / "blender"),
-                   "XDG_CACHE_HOME": str(scratch / "cache"), "TMPDIR": str(scratch),
-                   "ISO3D_RENDER_WORKER": ref.uid, "ISO3D_RENDER_ROOT": str(root.path.resolve()),
-                   "PYTHONUNBUFFERED": "1"}
             with open(log_path, "ab") as logf:
-                log_start = logf.tell()   # failed() reads it: attempts append to one log
                 logf.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {ref.original_id} on {entry['host']}\n".encode())
-                logf.flush()
-                proc = subprocess.Popen([sys.executable, "-m", "render.worker", str(scratch / "job.json")],
-                                        stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True, preexec_fn=_die_with_parent)
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    return failed("timeout", f"no result after {timeout:g} s; process group killed")
-                finally:
-                    try:   # anything the worker started (none expected) goes with it
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            result_path = scratch / "result.json"
-            if not result_path.exists():
-                how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-                       else f"exit code {proc.returncode}")
-                return failed("crash", f"Blender died ({how}) without a result")
-            result = json.loads(result_path.read_text())
+            result = worker.run(job, timeout, log_path)
             entry["sha256"] = result.get("sha256")
             if result["status"] != "ok":
                 return failed(result["reason"], result["error"])
@@ -249,10 +327,24 @@ def render_one(ref: ObjectRef, settings: dict, root_path: str, device: str, thre
             return {**entry, "status": "ok", "reason": None, "warnings": result.get("warnings", []),
                     "quality": result.get("quality"), "timings": result.get("timings"), "seconds": time.time() - started}
         finally:
+            if one_shot:
+                worker.close()
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(scratch, ignore_errors=True)
-            owner.close()
             lock_path.unlink(missing_ok=True)
+
+
+class RenderActor:
+    """A Ray actor owning one `BlenderWorker`: the driver sends it objects one by one."""
+
+    def __init__(self, root_path: str, max_objects: int, max_rss_growth_mb: float):
+        self.worker = BlenderWorker(root_path, max_objects, max_rss_growth_mb)
+
+    def render(self, *args) -> dict:
+        return render_one(*args, worker=self.worker)
+
+    def close(self) -> dict:
+        self.worker.close()
+        return {"processes": self.worker.started, "start_seconds": self.worker.start_seconds}
 
 
 # --------------------------------------------------------------------------- many objects
@@ -283,7 +375,8 @@ def plan(root: RenderRoot, selected: list[tuple[ObjectRef, int]], key: str) -> t
 
 def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: RenderConfig,
                address: str | None = None, objaverse_dir: str | None = None, progress: bool = True) -> dict:
-    """Render every selected object not already complete; one Ray task per object."""
+    """Render every selected object not already complete: `workers` Ray actors, each with a Blender process
+    that renders objects in turn (`BlenderWorker`)."""
     from tqdm import tqdm
 
     from common.ray_local import init_ray
@@ -304,8 +397,12 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
     init_ray(address, num_cpus=None if address or os.environ.get("RAY_ADDRESS") else local_cpus)
     import ray   # after init_ray: it sets the environment Ray reads at import
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
-    task = ray.remote(render_one).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task,
-                                          max_retries=0)
+    actor_class = ray.remote(RenderActor).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task)
+
+    def new_actor():
+        return actor_class.remote(str(root.path), cfg.objects_per_worker, cfg.worker_max_rss_growth_mb)
+
+    idle = [new_actor() for _ in range(min(workers, len(todo)))]
     watchdog = 2 * cfg.timeout + 120   # download + start-up + render; the worker's own timeout is tighter
     pending = deque((r, s, 0) for r, s in todo)
     inflight: dict = {}
@@ -313,26 +410,31 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
     bar = tqdm(total=len(todo), unit="obj", desc="render", disable=not progress, dynamic_ncols=True)
     try:
         while pending or inflight:
-            while pending and len(inflight) < workers:
+            while pending and idle:
                 ref, shard, attempt = pending.popleft()
-                handle = task.remote(ref, asdict(settings), str(root.path), cfg.device, cfg.cpus_per_task,
-                                     cfg.timeout, objaverse_dir, annotations.get(ref.uid))
-                inflight[handle] = (ref, shard, attempt, time.time())
+                actor = idle.pop()
+                handle = actor.render.remote(ref, asdict(settings), str(root.path), cfg.device, cfg.cpus_per_task,
+                                             cfg.timeout, objaverse_dir, annotations.get(ref.uid))
+                inflight[handle] = (ref, shard, attempt, time.time(), actor)
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
-            for handle, (ref, shard, attempt, t0) in list(inflight.items()):
+            for handle, (ref, shard, attempt, t0, actor) in list(inflight.items()):
                 if handle not in done and time.time() - t0 > watchdog:
-                    ray.cancel(handle, force=True)
+                    ray.kill(actor)   # its Blender dies with it (PR_SET_PDEATHSIG)
+                    inflight[handle] = (ref, shard, attempt, -1.0, actor)   # -1: killed by the watchdog
             for handle in done:
-                ref, shard, attempt, t0 = inflight.pop(handle)
+                ref, shard, attempt, t0, actor = inflight.pop(handle)
                 try:
                     entry = ray.get(handle)
-                except (ray.exceptions.TaskCancelledError,) as e:
-                    entry = {"uid": ref.uid, "original_id": ref.original_id, "source": ref.source,
-                             "status": "failed", "reason": "timeout", "error": f"cancelled after {watchdog:g} s: {e}"}
+                    idle.append(actor)
                 except ray.exceptions.RayError as e:
+                    # The actor is gone (watchdog, node lost, killed): this object failed; a new actor takes its place.
+                    ray.kill(actor)
+                    idle.append(new_actor())
+                    reason, error = (("timeout", f"killed after {watchdog:g} s") if t0 < 0
+                                     else ("crash", str(e).strip().splitlines()[0]))
                     entry = {"uid": ref.uid, "original_id": ref.original_id, "source": ref.source,
-                             "status": "failed", "reason": "crash", "error": str(e).splitlines()[0]}
-                entry.setdefault("seconds", time.time() - t0)
+                             "status": "failed", "reason": reason, "error": error}
+                entry.setdefault("seconds", time.time() - t0 if t0 > 0 else watchdog)
                 entry.update(shard=shard, attempts=attempt + 1, settings_key=key)
                 if entry["status"] == "failed" and entry["reason"] in TRANSIENT and attempt < cfg.retries:
                     summary["retried"] += 1
@@ -348,6 +450,12 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
                     log.warning("%s failed: %s: %s", ref.uid, entry["reason"], entry.get("error"))
                 bar.update(1)
                 bar.set_postfix(ok=summary["ok"], failed=summary["failed"])
+        # Every Blender ends before the run returns (not when Ray gets round to reaping its workers).
+        closed = ray.get([a.close.remote() for a in idle])
+        summary["blender_processes"] = sum(c["processes"] for c in closed)
+        summary["blender_start_seconds"] = sum(c["start_seconds"] for c in closed)
+        for a in idle:
+            ray.kill(a)
     finally:
         bar.close()
     elapsed = time.time() - started

@@ -1,16 +1,21 @@
-"""Render one object in this process, then exit. Started by render/shards.py, one process per object.
+"""A Blender worker process: renders the objects it is sent, one after another, each from a factory-empty
+scene. Started, fed, timed out and replaced by render/shards.py (`BlenderWorker`).
 
-    python -m render.worker JOB.json
+    python -m render.worker CONTROL_FD < jobs     # one JSON job per line; one JSON result per line on CONTROL_FD
 
-JOB.json: {"input", "out_dir", "uid", "original_id", "source", "settings": RenderSettings fields,
-"device", "threads", "result", "extra_meta"}. Writes RGBA PNGs, cameras.json and meta.json into
-out_dir, then {"status": "ok"} or {"status": "failed", "reason", "error"} into `result`.
+A job: {"input", "out_dir", "uid", "original_id", "source", "settings": RenderSettings fields, "device",
+"threads", "log", "extra_meta"}. Writes RGBA PNGs, cameras.json and meta.json into out_dir, then
+{"status": "ok", ...} or {"status": "failed", "reason", "error"} as one line on CONTROL_FD. While a job
+runs, the process's stdout and stderr (Blender's and Cycles' own output too) go to the job's log file.
 Failure reasons: unreadable, import_error, empty_scene (permanent); anything else is a crash.
+The process ends when its stdin closes.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -117,22 +122,46 @@ def render_object(job: dict, state: dict) -> dict:
     return {"status": "ok", "sha256": sha256, "timings": timings, "warnings": warnings, "quality": manifest_quality(quality)}
 
 
-def main(job_path: str) -> int:
+def run_job(job: dict) -> dict:
+    """The job's result; "seconds": how long it took in this process (the rest of a first job's wall time
+    is the process's start-up)."""
     from render.scene import SceneError
-    job = json.loads(Path(job_path).read_text())
     state: dict = {}
+    t = time.perf_counter()
     try:
         result = render_object(job, state)
     except SceneError as e:
         result = {"status": "failed", "reason": e.reason, "error": str(e), "sha256": state.get("sha256")}
     except Exception as e:
         traceback.print_exc()
-        result = {"status": "failed", "reason": "crash", "error": f"{type(e).__name__}: {e}",
-                  "sha256": state.get("sha256")}
-    atomic_write_json(job["result"], result)
+        result = {"status": "failed", "reason": "crash", "error": f"{type(e).__name__}: {e}", "sha256": state.get("sha256")}
+    return {**result, "seconds": time.perf_counter() - t}
+
+
+def redirect_output(fd: int) -> None:
+    """Point this process's stdout and stderr at `fd`, after flushing what Python and C have buffered,
+    so every line lands in the log of the job that printed it."""
     sys.stdout.flush()
-    return 0 if result["status"] == "ok" else 3
+    sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+
+
+def serve(control_fd: int) -> int:
+    import render.scene  # noqa: F401  (bpy: part of the start-up, not of the first object)
+    control = os.fdopen(control_fd, "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for line in sys.stdin:
+        job = json.loads(line)
+        log = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        redirect_output(log)
+        os.close(log)
+        result = run_job(job)
+        redirect_output(devnull)
+        control.write(json.dumps(result) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(serve(int(sys.argv[1])))

@@ -14,7 +14,7 @@ from pipelines.render_objaverse import main as render_main
 from render import cameras
 from render.layout import bucket, object_dir
 from render.preview import on_white
-from render.shards import RenderRoot, render_one
+from render.shards import SCRATCH_PREFIX, BlenderWorker, RenderRoot, render_one
 from render.sources import ObjectRef, sanitize_uid
 from tests.conftest import DATA, SMALL, render_worker_pids
 from tests.hostile import EXPECTED, make_hostile_set
@@ -201,6 +201,44 @@ def test_a_killed_blender_is_a_crash_and_leaves_nothing(tmp_path):
     assert "SIGKILL" in result["error"]
     assert not object_dir(root.path, "Duck.glb").exists() and not list(root.objects.glob("*/.tmp-*"))
     assert render_worker_pids(root.path) == []
+
+
+def test_a_persistent_worker_renders_each_object_as_a_fresh_process_would(tmp_path):
+    """One Blender process renders objects in turn: an object's pixels and log are its own, exactly as in a
+    process of its own; a timeout replaces only that process; after max_objects a fresh one takes over;
+    close() leaves no process and no scratch folder."""
+    import os
+    import tempfile
+    settings = {"resolution": 32, "samples": 4, "denoiser": "none", "distance": 1.5, "lens_mm": 35.0,
+                "sensor_mm": 32.0, "hdri_luminance": [0.7, 1.3], "hdris": [], "seed": 0}
+    glb = DATA / "glb"
+    os.mkfifo(tmp_path / "hangs.obj")     # opening it blocks: an import that hangs
+    refs = {name: ObjectRef(name, name, str(path), "folder") for name, path in {
+        "Duck.glb": glb / "Duck.glb", "Box.glb": glb / "Box.glb", "hangs.obj": tmp_path / "hangs.obj",
+        "FlatCard.glb": glb / "FlatCard.glb", "Box-again.glb": glb / "Box.glb", "BoxTextured.glb": glb / "BoxTextured.glb"}.items()}
+    fresh = RenderRoot(tmp_path / "fresh")
+    assert render_one(refs["Duck.glb"], settings, str(fresh.path), "cpu", 1, 120)["status"] == "ok"
+
+    shared = RenderRoot(tmp_path / "shared")
+    worker = BlenderWorker(str(shared.path), max_objects=2)
+    order = ["Box.glb", "Duck.glb", "hangs.obj", "FlatCard.glb", "Box-again.glb", "BoxTextured.glb"]
+    results = {name: render_one(refs[name], settings, str(shared.path), "cpu", 1, 10 if name == "hangs.obj" else 120,
+                                worker=worker) for name in order}
+    worker.close()
+    assert {n: (r["status"], r["reason"]) for n, r in results.items()} == {
+        **{n: ("ok", None) for n in order}, "hangs.obj": ("failed", "timeout")}
+    # processes: (Box, Duck) then max_objects; (hangs) killed; (FlatCard, Box-again); (BoxTextured)
+    assert worker.started == 4
+    for view_set in ("random", "fixed"):    # Duck rendered second in its process, and in a process of its own
+        for a, b in zip(load_views(object_dir(fresh.path, "Duck.glb"), view_set),
+                        load_views(object_dir(shared.path, "Duck.glb"), view_set)):
+            np.testing.assert_array_equal(a, b)
+    duck_log = (shared.logs / "Duck.glb.log").read_text()
+    saved = [ln for ln in duck_log.splitlines() if "Saved:" in ln]
+    assert len(saved) == 32 and all("Duck.glb" in ln for ln in saved)
+    assert "Box.glb" not in duck_log
+    assert render_worker_pids(shared.path) == []
+    assert not list(Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}{os.getpid()}-*"))
 
 
 def test_a_run_where_every_object_fails_exits_non_zero_and_bad_input_writes_nothing(tmp_path):
