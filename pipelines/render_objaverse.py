@@ -8,8 +8,8 @@
         python pipelines/render_objaverse.py --source objaverse --shards all --output /shared/renders
     python pipelines/render_objaverse.py --report /shared/renders     # report.html: failures, quality flags
 
-Each object is rendered in its own Blender process (timeout, process group killed), its folder
-appears under OUTPUT/objects/<bb>/<uid>/ (<bb>: a hash of the uid, render/layout.py) only when complete, and every attempt is a line of
+Blender worker processes (one per Ray worker) render objects in turn, each from a factory-empty scene
+and under a timeout (a timeout or crash kills and replaces only that process); an object's folder appears under OUTPUT/objects/<bb>/<uid>/ (<bb>: a hash of the uid, render/layout.py) only when complete, and every attempt is a line of
 OUTPUT/manifest.jsonl. A rerun skips objects already complete with the same render settings.
 Each rendered object gets quality figures and flags (meta.json "quality", render/quality.py: nearly
 empty views, dark, missing-texture magenta, unlit materials); training leaves flagged objects out by a
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = resolve_config(args)
-        cfg.settings.validate()
+        cfg.validate()
         shards = parse_shards(cfg.shards, cfg.num_shards)
         uids = None
         if args.uids:

@@ -192,8 +192,11 @@ def setup_world(hdri: Path, rotation_deg: float, target_luminance: float) -> dic
             "mean_luminance": luminance, "target_luminance": target_luminance}
 
 
-def setup_render(resolution: int, samples: int, denoiser: str, device: str, threads: int) -> None:
-    """Cycles, transparent film, Standard view transform, RGBA 8-bit PNG; nothing left at default."""
+def setup_render(resolution: int, samples: int, denoiser: str, device: str, threads: int,
+                 adaptive_threshold: float = 0.0, min_samples: int = 0) -> None:
+    """Cycles, transparent film, Standard view transform, RGBA 8-bit PNG; nothing left at default.
+    adaptive_threshold > 0: adaptive sampling, `samples` the most and `min_samples` (at most `samples`) the
+    fewest per pixel."""
     scene = bpy.context.scene
     scene.render.engine = "CYCLES"
     scene.render.resolution_x = scene.render.resolution_y = resolution
@@ -209,7 +212,9 @@ def setup_render(resolution: int, samples: int, denoiser: str, device: str, thre
     scene.view_settings.gamma = 1.0
     cycles = scene.cycles
     cycles.samples = samples
-    cycles.use_adaptive_sampling = False
+    cycles.use_adaptive_sampling = adaptive_threshold > 0
+    cycles.adaptive_threshold = adaptive_threshold
+    cycles.adaptive_min_samples = min(min_samples, samples)
     cycles.max_bounces = 4
     cycles.use_denoising = denoiser != "none"
     if denoiser != "none":

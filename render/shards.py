@@ -214,6 +214,8 @@ class BlenderWorker:
         """Render `job` (render/worker.py's format, `log` set here) within `timeout` seconds: the worker's
         result, or a failure {"status": "failed", "reason": "timeout" | "crash", "error"}."""
         t0 = time.perf_counter()
+        if self.proc is not None and self.proc.poll() is not None:
+            self.close()   # it died between objects (killed from outside): not this object's failure
         first = self.proc is None
         if first:
             with open(log_path, "ab") as log:
@@ -252,8 +254,8 @@ class BlenderWorker:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                kill = True
-        try:   # anything it started goes with it
+                pass   # killed below
+        try:   # it, if still there, and anything it started
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -382,7 +384,7 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
     from common.ray_local import init_ray
 
     settings: RenderSettings = cfg.settings
-    settings.validate()
+    cfg.validate()
     key = settings.key()
     root.clean_stale()
     todo, skipped = plan(root, selected, key)
@@ -418,7 +420,7 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
                 inflight[handle] = (ref, shard, attempt, time.time(), actor)
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
             for handle, (ref, shard, attempt, t0, actor) in list(inflight.items()):
-                if handle not in done and time.time() - t0 > watchdog:
+                if handle not in done and t0 > 0 and time.time() - t0 > watchdog:
                     ray.kill(actor)   # its Blender dies with it (PR_SET_PDEATHSIG)
                     inflight[handle] = (ref, shard, attempt, -1.0, actor)   # -1: killed by the watchdog
             for handle in done:

@@ -77,7 +77,8 @@ def render_object(job: dict, state: dict) -> dict:
         hdris = [h for h in hdris if h.stem in settings.hdris]
     hdri = hdris[int(rng.integers(len(hdris)))]
     lighting = scene.setup_world(hdri, float(rng.uniform(0, 360)), float(rng.uniform(*settings.hdri_luminance)))
-    scene.setup_render(settings.resolution, settings.samples, settings.denoiser, job["device"], job["threads"])
+    scene.setup_render(settings.resolution, settings.samples, settings.denoiser, job["device"], job["threads"],
+                       settings.adaptive_threshold, settings.min_samples)
     camera = scene.add_camera(settings.lens_mm, settings.sensor_mm)
 
     view_sets = {"random": cameras.random_angles(rng), "fixed": cameras.fixed_angles()}

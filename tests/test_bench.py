@@ -41,3 +41,26 @@ def test_train_bench_reads_sd21_size_shards_and_measures_attention():
     assert all(row["objects_per_second"] > 0 for row in result["loader"]["workers"].values())
     assert result["loader"]["objects_per_micro_batch"] == 24               # the sd21 preset's micro-batch
     assert result["attention_tiny"]["multiview_s"] > 0 and result["attention_tiny"]["per_view_s"] > 0
+
+
+def test_render_bench_quick_measures_the_curve_and_objects_per_hour_with_and_without_persistent_workers():
+    r = subprocess.run([sys.executable, "bench/render.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    rows = result["curve"]["rows"]
+    assert [row["denoiser"] for row in rows] == ["none", "fast"]
+    for row in rows:
+        assert set(row["psnr_min_db_per_object"]) == {"Box.glb", "BoxTextured.glb"}
+        assert 10 < row["psnr_min_db"] < 80 and row["seconds_per_view"] > 0
+    runs = {(row["workers"], row["objects_per_worker"]): row for row in result["pipeline"]}
+    assert set(runs) == {(1, 100), (1, 1), (2, 100), (2, 1)}
+    for (workers, per_worker), row in runs.items():
+        assert row["objects"] == 2 and row["failed"] == 0 and row["objects_per_hour"] > 0
+        # persistent: one process per worker; otherwise one per object
+        assert row["blender_processes"] == (workers if per_worker == 100 else 2)
+        assert row["blender_start_seconds"] > 0
+    assert result["speedup_vs_syncdreamer"]["objects_per_hour"] > 0
+    parts = result["breakdown"]
+    assert parts["object"] == "Box.glb" and parts["view_at_1_sample_s"] > 0
+    assert {"png_write_s", "path_tracing_per_sample_s", "denoiser_fast_s"} <= set(parts)

@@ -252,6 +252,8 @@ def test_a_run_where_every_object_fails_exits_non_zero_and_bad_input_writes_noth
     assert {(e["status"], e["reason"]) for e in latest.values()} == {("failed", "unreadable")}
     assert render_main(["--source", str(tmp_path / "no-such-folder"), "--output", str(tmp_path / "out2"), *SMALL]) == 2
     assert not (tmp_path / "out2").exists()
+    assert render_main(["--source", str(src), "--output", str(tmp_path / "out3"), *SMALL, "objects_per_worker=0"]) == 2
+    assert not (tmp_path / "out3").exists()
 
 
 def test_unlit_materials_render_as_gltf_viewers_show_them_and_black_ones_are_flagged(tmp_path):
