@@ -87,7 +87,7 @@ def fingerprint(obj_dir: Path) -> str:
     return "/".join(parts)
 
 
-def list_objects(render_root: Path) -> dict[str, str]:
+def rendered_fingerprints(render_root: Path) -> dict[str, str]:
     """{uid: fingerprint} of every object folder: the bucket listings and two stats per object."""
     if not (Path(render_root) / "objects").is_dir():
         raise FileNotFoundError(f"{render_root}: no objects/ folder (not a render output?)")
@@ -168,7 +168,7 @@ def prepare(model_cfg, render_root: Path, cfg: PrepareConfig, num_workers: int =
     root = prepared_dir(render_root, ident)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "identity.txt", ident + "\n")
-    present = list_objects(render_root)
+    present = rendered_fingerprints(render_root)
     known = read_shard_metadata(root / "shards", present)
     todo = sorted(uid for uid in present if uid not in known)
     chunks = [todo[i:i + cfg.shard_size] for i in range(0, len(todo), cfg.shard_size)]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import trimesh
 
-from common.atomic import atomic_write_bytes
+from common.atomic import atomic_path, atomic_write_bytes
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender
 
 Z_UP_TO_Y_UP = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
@@ -114,11 +114,10 @@ def turntable_frames(field, grid, march_cfg, cfg: ExportConfig) -> list[np.ndarr
 def save_turntable(frames: list[np.ndarray], path: Path, fps: int = 12) -> None:
     import imageio.v3 as iio
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    if path.suffix == ".gif":
-        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=int(1000 / fps), loop=0)
-    elif path.suffix == ".mp4":
-        iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps)
-    else:
+    if path.suffix not in (".gif", ".mp4"):
         raise ValueError(f"turntable {path}: expected .gif or .mp4")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".gif":
+            iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=int(1000 / fps), loop=0)
+        else:
+            iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps)

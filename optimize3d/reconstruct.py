@@ -35,7 +35,7 @@ import trimesh
 from PIL import Image
 from tqdm import tqdm
 
-from common.atomic import atomic_write_json, atomic_write_text
+from common.atomic import atomic_path, atomic_write_json, atomic_write_text
 from common.config import config_hash, save_config, stable_seed
 from optimize3d.evaluate import mask_iou, psnr, volume_iou
 from optimize3d.export import Z_UP_TO_Y_UP, ExportConfig
@@ -292,9 +292,8 @@ def save_validation(nerf, grid, folder: Path, cfg: ReconstructConfig, path: Path
                          [views.files[i] for i in pick])
         r = render_like(nerf, grid, sub, cfg.march)
         tiles += [to_image(x) for x in sub.rgb] + [to_image(x) for x in r["rgb"]]
-    tmp = path.with_name(f".tmp-{path.name}")
-    image_grid(tiles, columns=4).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image_grid(tiles, columns=4).save(tmp, format="PNG")
 
 
 def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str = "", progress: bool = True,

@@ -200,75 +200,48 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def _quantiles(values: list[float]) -> dict:
-    import numpy as np
-    q = np.quantile(values, [0, 0.1, 0.5, 0.9, 1.0]) if values else [float("nan")] * 5
-    return dict(zip(("min", "p10", "median", "p90", "max"), (round(float(v), 4) for v in q)))
-
-
 def write_render_report(root: Path, suspects_shown: int = 32) -> dict:
-    """A render root's report.html (and report/suspects.png): objects by status and failure reason, the
-    quality flags' counts and the figures' distributions (render/quality.py), the most suspect objects (most
-    flags, then darkest) as images. Returns the numbers it shows."""
+    """A render root's report.html (and report/suspects.png) showing render/quality.py's
+    `render_statistics`: objects by status and failure reason, the quality flags' counts and the figures'
+    distributions, the most suspect objects as images. Returns those numbers."""
     from PIL import Image
 
     from render.layout import object_dir
     from render.preview import grid, on_white
+    from render.quality import render_statistics
     from render.shards import RenderRoot
     root = Path(root).resolve()
     if not (root / "manifest.jsonl").is_file():
         raise FileNotFoundError(f"{root}: no manifest.jsonl (not a render output)")
-    latest = RenderRoot(root).latest()
-    status, failures, flags, examples = {}, {}, {}, {}
-    figures = {k: [] for k in ("mean_luminance", "colour_spread", "nearly_empty_fraction", "magenta_fraction")}
-    suspects, without = [], 0
-    for uid, e in sorted(latest.items()):
-        status[e["status"]] = status.get(e["status"], 0) + 1
-        if e["status"] != "ok":
-            failures[e["reason"]] = failures.get(e["reason"], 0) + 1
-            examples.setdefault(e["reason"], []).append((uid, str(e.get("error", ""))[:200]))
-            continue
-        q = e.get("quality")
-        if not q:
-            without += 1
-            continue
-        for k in figures:
-            figures[k].append(q[k])
-        for f in q["flags"]:
-            flags[f] = flags.get(f, 0) + 1
-        if q["flags"] and (object_dir(root, uid) / "fixed" / "000.png").is_file():
-            suspects.append((-len(q["flags"]), q["mean_luminance"], uid, q["flags"]))
-    suspects.sort()
-    shown = suspects[:suspects_shown]
-    summary = {"objects": len(latest), "status": status, "failures": failures, "flags": flags,
-               "without_quality_figures": without, "figures": {k: _quantiles(v) for k, v in figures.items()},
-               "suspects": [{"uid": uid, "flags": f} for _, _, uid, f in shown]}
+    summary = render_statistics(RenderRoot(root).latest(), suspects_shown)
+    shown = [s for s in summary["suspects"] if (object_dir(root, s["uid"]) / "fixed" / "000.png").is_file()]
     out_dir = root / "report"
     out_dir.mkdir(exist_ok=True)
     cells = []
     if shown:
-        tiles = [on_white(Image.open(object_dir(root, uid) / "fixed" / "000.png")) for _, _, uid, _ in shown]
+        tiles = [on_white(Image.open(object_dir(root, s["uid"]) / "fixed" / "000.png")) for s in shown]
         grid(tiles, columns=8).save(out_dir / "suspects.png")
-        cells = [_figure(object_dir(root, uid) / "preview.png", root, f"{uid}: {', '.join(f)}", height=96)
-                 for _, _, uid, f in shown]
+        cells = [_figure(object_dir(root, s["uid"]) / "preview.png", root, f"{s['uid']}: {', '.join(s['flags'])}", height=96)
+                 for s in shown]
     rows = lambda d: "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in d.items())  # noqa: E731
-    failure_rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td><td>{html.escape(examples[r][0][0])}: "
-                           f"{html.escape(examples[r][0][1])}</td></tr>" for r, n in failures.items())
+    examples = summary["failure_examples"]
+    failure_rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td><td>{html.escape(examples[r]['uid'])}: "
+                           f"{html.escape(examples[r]['error'])}</td></tr>" for r, n in summary["failures"].items())
     figure_rows = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{v}</td>" for v in q.values()) + "</tr>"
                           for k, q in summary["figures"].items())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>render report: {html.escape(root.name)}</title>
 {STYLE}</head><body>
 <h1>Render report</h1>
-<p><code>{html.escape(str(root))}</code>: {len(latest)} objects in the manifest (its last line per object).</p>
-<h2>Status</h2><table><tr><th>status</th><th>objects</th></tr>{rows(status)}</table>
+<p><code>{html.escape(str(root))}</code>: {summary['objects']} objects in the manifest (its last line per object).</p>
+<h2>Status</h2><table><tr><th>status</th><th>objects</th></tr>{rows(summary['status'])}</table>
 <h2>Failures by reason</h2><table><tr><th>reason</th><th>objects</th><th>first example</th></tr>{failure_rows}</table>
 <h2>Quality flags</h2>
-<p>Of the rendered objects; {without} have no quality figures (rendered before they existed). Training leaves
-out the flags in <code>data.exclude_flags</code> (by default nearly_empty, dark, magenta).</p>
-<table><tr><th>flag</th><th>objects</th></tr>{rows(flags)}</table>
+<p>Of the rendered objects; {summary['without_quality_figures']} have no quality figures (rendered before they
+existed). Training leaves out the flags in <code>data.exclude_flags</code> (by default nearly_empty, dark, magenta).</p>
+<table><tr><th>flag</th><th>objects</th></tr>{rows(summary['flags'])}</table>
 <h2>Figures</h2><table><tr><th>figure</th><th>min</th><th>p10</th><th>median</th><th>p90</th><th>max</th></tr>{figure_rows}</table>
-<h2>Most suspect objects ({len(shown)} of {len(suspects)} flagged)</h2>
+<h2>Most suspect objects ({len(shown)} of {summary['flagged']} flagged)</h2>
 {''.join(cells) or '<p>none flagged</p>'}
 </body></html>
 """

@@ -3,6 +3,7 @@ and a read of the source's glTF JSON).
 
     q = object_quality(out_dir, missing_textures=[], materials=gltf_materials(source))
     q["flags"]      # e.g. ["dark", "unlit_black"]; meta.json "quality", the manifest, dataset exclusion
+    render_statistics(RenderRoot(root).latest())   # a render root's numbers (pipelines/report.py shows them)
 
 Figures: each view's alpha coverage (random 0-15, then fixed 0-15), the fraction of nearly empty views, the
 mean luminance and the colour spread of the object's pixels, the fraction of them in Blender's
@@ -97,3 +98,37 @@ def object_quality(out_dir: Path, missing_textures: list[str], materials: list[d
 def manifest_quality(quality: dict) -> dict:
     """The part of meta.json's quality figures the manifest carries (not the per-view coverage)."""
     return {k: v for k, v in quality.items() if k != "coverage"}
+
+
+def _quantiles(values: list[float]) -> dict:
+    q = np.quantile(values, [0, 0.1, 0.5, 0.9, 1.0]) if values else [float("nan")] * 5
+    return dict(zip(("min", "p10", "median", "p90", "max"), (round(float(v), 4) for v in q)))
+
+
+def render_statistics(latest: dict[str, dict], suspects_shown: int = 32) -> dict:
+    """A render root's numbers from its manifest's last line per object: objects by status, failures by
+    reason (with a first example each), counts per quality flag, the figures' quantiles, and the
+    `suspects_shown` most suspect objects (most flags, then darkest) of `flagged`."""
+    status, failures, examples, flags = {}, {}, {}, {}
+    figures = {k: [] for k in ("mean_luminance", "colour_spread", "nearly_empty_fraction", "magenta_fraction")}
+    suspects, without = [], 0
+    for uid, e in sorted(latest.items()):
+        status[e["status"]] = status.get(e["status"], 0) + 1
+        if e["status"] != "ok":
+            failures[e["reason"]] = failures.get(e["reason"], 0) + 1
+            examples.setdefault(e["reason"], {"uid": uid, "error": str(e.get("error", ""))[:200]})
+            continue
+        q = e.get("quality")
+        if not q:
+            without += 1
+            continue
+        for k in figures:
+            figures[k].append(q[k])
+        for f in q["flags"]:
+            flags[f] = flags.get(f, 0) + 1
+        if q["flags"]:
+            suspects.append((-len(q["flags"]), q["mean_luminance"], uid, q["flags"]))
+    suspects.sort()
+    return {"objects": len(latest), "status": status, "failures": failures, "failure_examples": examples,
+            "flags": flags, "without_quality_figures": without, "figures": {k: _quantiles(v) for k, v in figures.items()},
+            "flagged": len(suspects), "suspects": [{"uid": uid, "flags": f} for _, _, uid, f in suspects[:suspects_shown]]}

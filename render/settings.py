@@ -74,7 +74,7 @@ class RenderConfig:
     settings: RenderSettings = field(default_factory=RenderSettings)
     timeout: float = 900.0
     """Seconds one object may take (start-up, import, 32 views); then its process group is killed.
-    Measured: 256 px, 32 samples + denoiser, one CPU thread: 150-300 s per object (bench/render.py)."""
+    Measured at the defaults, 256 px, one CPU thread: a median 130 s per object, two threads 53 s (bench/render.py)."""
     retries: int = 1
     """Extra attempts for transient failures (timeout, crash, download); permanent ones never retry."""
     device: str = "cpu"

@@ -18,11 +18,12 @@ import json
 import os
 import re
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.atomic import atomic_path
 
 SUPPORTED_SUFFIXES = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl")
 MAX_UID_LEN = 96
@@ -135,13 +136,8 @@ def _fetch(rel: str, local: Path) -> None:
     """One file of the Objaverse repository into the package's cache layout (a temporary name, then renamed),
     as objaverse's own downloader does, without its glob over every downloaded file after each download
     (quadratic over a run of 800k objects)."""
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
+    with atomic_path(local) as tmp:
         urllib.request.urlretrieve(f"{objaverse_url()}/{rel}", tmp)
-        os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _in_cache(objaverse_dir: str | None, rel: str) -> Path:

@@ -2,6 +2,7 @@ import collections
 
 import pytest
 
+from render.quality import render_statistics
 from render.shards import parse_shards, select, shard_of
 from render.sources import ObjectRef
 
@@ -74,3 +75,21 @@ def test_objects_are_nested_in_256_buckets_and_older_flat_roots_still_read(tmp_p
     nested_old = tmp_path / "objects" / bucket("old") / "old"       # re-rendered since: the nested one wins
     nested_old.mkdir(parents=True)
     assert object_dir(tmp_path, "old") == nested_old and object_dirs(tmp_path)["old"] == nested_old
+
+
+def test_render_statistics_count_status_reasons_flags_and_rank_suspects():
+    q = lambda lum, flags: {"mean_luminance": lum, "colour_spread": 0.1, "nearly_empty_fraction": 0.0,  # noqa: E731
+                            "magenta_fraction": 0.0, "flags": flags}
+    latest = {"a": {"status": "ok", "quality": q(0.5, [])},
+              "b": {"status": "ok", "quality": q(0.02, ["dark"])},
+              "c": {"status": "ok", "quality": q(0.01, ["dark", "unlit_black"])},
+              "d": {"status": "ok", "quality": q(0.001, ["dark"])},
+              "e": {"status": "ok"},                                    # rendered before quality figures existed
+              "f": {"status": "failed", "reason": "timeout", "error": "no result after 900 s"},
+              "g": {"status": "failed", "reason": "timeout", "error": "later"}}
+    stats = render_statistics(latest, suspects_shown=2)
+    assert stats["status"] == {"ok": 5, "failed": 2} and stats["failures"] == {"timeout": 2}
+    assert stats["failure_examples"] == {"timeout": {"uid": "f", "error": "no result after 900 s"}}
+    assert stats["flags"] == {"dark": 3, "unlit_black": 1} and stats["without_quality_figures"] == 1
+    assert stats["flagged"] == 3 and [s["uid"] for s in stats["suspects"]] == ["c", "d"]   # most flags, then darkest
+    assert stats["figures"]["mean_luminance"]["min"] == 0.001 and stats["figures"]["mean_luminance"]["max"] == 0.5
