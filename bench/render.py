@@ -1,6 +1,6 @@
 """Render-stage benchmark: prints JSON (and writes it with --out).
 
-    python bench/render.py                      # the four test GLBs at the defaults (256 px): about 35 min on 2 CPUs
+    python bench/render.py                      # the four test GLBs at the defaults (256 px): about 30 min on 2 CPUs
     python bench/render.py --quick              # a smoke run at 32 px
     python bench/render.py --parts pipeline --out bench/results/render-cpu-2core.json   # one part, into a result
 
@@ -106,7 +106,7 @@ print("BREAKDOWN" + json.dumps({
 
 
 def breakdown(obj, resolution, samples, denoiser):
-    """Where one view's time goes, on one object (2 CPU threads): scene sync and PNG at 1 sample, path
+    """Where one view's time goes, on one object (every CPU thread): scene sync and PNG at 1 sample, path
     tracing per sample, the denoiser, and the share of the world's importance sampling."""
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run([sys.executable, "-c", BREAKDOWN_SCRIPT, str(obj), tmp, str(resolution), str(samples), denoiser],

@@ -1,7 +1,7 @@
 """Shards, the manifest, resume, and Blender worker processes that render objects in turn under a timeout.
 
     root = RenderRoot(Path("renders"))
-    summary = render_all(root, refs, cfg, address=None)   # Ray, one task per object
+    summary = render_all(root, refs, cfg, address=None)   # Ray actors, each feeding one Blender worker
 
 Completeness is the atomic rename of `objects/<bb>/.tmp-<uid>-*` to `objects/<bb>/<uid>` (render/layout.py);
 an object whose folder exists and whose manifest line (or, failing that, meta.json) carries the current
