@@ -1,7 +1,7 @@
 """Where objects come from: Objaverse (through the `objaverse` package), a local folder, or `demo`.
 
 Every source yields `ObjectRef(uid, original_id, locator, source)`. `uid` is safe as a path
-component; `locator` is what `resolve()` turns into a local file, inside the task that renders it
+component; `locator` is what `resolve()` turns into a local file, inside the Ray worker that renders it
 (so Objaverse downloads happen in parallel, on the node that renders). For Objaverse the locator is the
 file's path in the repository, from its path index read once per run; annotations are read once per
 run too (`objaverse_annotations`), by the driver, for the objects it is about to render.
