@@ -168,7 +168,7 @@ def pipeline(objects_dir, workers, threads, objects_per_worker, overrides):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="32 px, two objects, a short curve (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="32 px, two objects, a short curve, one worker layout (a smoke run)")
     p.add_argument("--out", type=Path, help="also write the JSON here (with --parts, into what it holds already)")
     p.add_argument("--parts", default="breakdown,curve,pipeline",
                    help="what to measure, any of breakdown, curve, pipeline (default: %(default)s)")
@@ -204,7 +204,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for obj in objects:
             os.symlink(obj, Path(tmp) / obj.name)
-        configs = [(1, cpus), (cpus, 1)] if cpus > 1 else [(1, 1)]
+        # --quick: the one worker x all threads layout only (both process policies): a smoke run of the code
+        configs = [(1, cpus)] if args.quick else [(1, cpus), (cpus, 1)] if cpus > 1 else [(1, 1)]
         report["pipeline"] = [pipeline(tmp, w, t, n, overrides) for w, t in configs for n in (100, 1)]
     best = max(report["pipeline"], key=lambda r: r["objects_per_hour"])
     syncdreamer_per_hour = 3600 / SYNCDREAMER_SECONDS_PER_OBJECT

@@ -155,14 +155,11 @@ def run_script(script: str, args: list, log_path: Path, console=sys.stderr) -> N
         raise RuntimeError(f"{script} failed (exit {code}); log {log_path}:\n" + "\n".join(tail))
 
 
-def stage(out: Path, name: str, key: str, force: bool, build: Callable[[Path], None]) -> tuple[Path, dict]:
+def stage(out: Path, name: str, key: str, build: Callable[[Path], None]) -> tuple[Path, dict]:
     """OUTPUT/<name>-<key>/: reuse when complete, else build in .partial and rename.
     -> (dir, {"seconds": of the run that built it, "cached": whether this run reused it})"""
     final = out / f"{name}-{key}"
     work = out / f"{name}-{key}.partial"
-    if force:
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
     if final.is_dir():
         built = json.loads((final / "stage.json").read_text()) if (final / "stage.json").is_file() else {}
         return final, {"seconds": built.get("seconds"), "cached": True}
@@ -234,14 +231,18 @@ def conditioning_check(objects: dict) -> dict:
 def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sys.stderr) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     keys = stage_keys(cfg)
-    forced = set(STAGES[STAGES.index(force):]) if force else set()
+    # --force removes the forced stages' outputs before anything runs: a forced run killed half-way must not
+    # leave a later stage's old output to be reused by the next run.
+    for name in STAGES[STAGES.index(force):] if force else ():
+        shutil.rmtree(out / f"{name}-{keys[name]}", ignore_errors=True)
+        shutil.rmtree(out / f"{name}-{keys[name]}.partial", ignore_errors=True)
     stages = {}
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
 
     def timed(name, build):
         log.info("%-8s ...", name)
-        d, info = stage(out, name, keys[name], name in forced, build)
+        d, info = stage(out, name, keys[name], build)
         stages[name] = info
         log.info("%-8s %s %s (%s s%s)", name, "cached" if info["cached"] else "done  ", d.name, info["seconds"],
                  ", from the run that built it" if info["cached"] else "")

@@ -1,14 +1,39 @@
 """Shared fixtures: a local Ray on loopback (2 CPUs), hostile objects, process hygiene checks."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
+# The end-to-end modules and fixtures: what `make check` (pytest -m "not slow") leaves out. Each real Blender
+# render, Ray cluster, training run or browser lives in one of them.
+SLOW_MODULES = {"test_app", "test_bench", "test_demo", "test_finetune", "test_generate", "test_reconstruct",
+                "test_render_blender", "test_render_cluster", "test_render_resume", "test_small", "test_train_cluster"}
+SLOW_FIXTURES = {"rendered_demo", "tiny_checkpoint", "ray_local"}
 # Small renders for tests: real Blender, real Cycles, just fewer pixels and samples.
 SMALL = ["--resolution", "32", "--samples", "4", "--denoiser", "none", "--no-progress"]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+def chromium_path() -> str:
+    """Debian's chromium for the browser tests. Missing: a skip on a developer's machine, a failure in CI
+    (CI=true; .ci/run installs it), where a silent skip would hide that the pages were never opened."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "chromium is not installed (.ci/run and `make setup-browser` install Debian's package)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; CI must open the pages in a browser")
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +46,56 @@ def ray_local():
     ray.shutdown()
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A session artifact made once per test run, however many pytest-xdist workers ask for it: the first
+    builds it (make(path), at its final path: what it writes may name that path) and marks it done; the others
+    wait on its lock and reuse it."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                          # shared by the workers of this run
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def rendered_demo(tmp_path_factory):
     """Four demo objects really rendered at 32 px (in a subprocess: it starts and stops its own Ray)."""
     import subprocess
     import sys
-    out = tmp_path_factory.mktemp("rendered_demo")
-    subprocess.run([sys.executable, str(ROOT / "pipelines" / "render_objaverse.py"), "--source", "demo",
-                    "--demo-count", "4", "--output", str(out), *SMALL], check=True, capture_output=True, timeout=600)
-    return out
+
+    def render(out: Path):
+        subprocess.run([sys.executable, str(ROOT / "pipelines" / "render_objaverse.py"), "--source", "demo",
+                        "--demo-count", "4", "--output", str(out), *SMALL], check=True, capture_output=True, timeout=600)
+    return made_once(tmp_path_factory, "rendered_demo", render)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(rendered_demo, tmp_path_factory):
+    """A tiny model really fine-tuned (stage 1, a few steps) on the rendered demo objects."""
+    import dataclasses
+    from model.train import TrainConfig, train
+
+    def fine_tune(run: Path):
+        cfg = dataclasses.replace(TrainConfig.tiny(1), max_steps=6, ckpt_every=6, val_every=10_000, sample_steps=2)
+        train(cfg, rendered_demo, run)
+    return made_once(tmp_path_factory, "tiny_run", fine_tune) / "checkpoints" / "step-000006"
+
+
+def run_main(script: str, args: list, capsys) -> tuple[int, str, str]:
+    """pipelines/<script>.py's main(args) in this process: what `python pipelines/<script>.py ARGS` runs, less
+    the interpreter start and imports (seconds per call). -> (exit code, stdout, stderr)."""
+    import importlib
+    capsys.readouterr()
+    code = importlib.import_module(f"pipelines.{script}").main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def render_worker_pids(root) -> list[int]:

@@ -1,7 +1,6 @@
 """pipelines/app.py driven in real headless Chromium (Debian's chromium, through Playwright; .ci/run and
 `make setup-browser` install it): upload, generate, the mesh viewer and the download, the cache, a refusal."""
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 from render.layout import object_dir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, chromium_path
 
 # The 3D stage at toy size: the test is about the app, not about quality.
 SETTINGS = ["--steps", "4", "val_every=2", "ckpt_every=2", "preview_steps=2", "export.resolution=32", "export.threshold=3",
@@ -29,9 +28,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint, tmp_path_factory):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (.ci/run and `make setup-browser` install Debian's package)")
+    chromium = chromium_path()
     out = tmp_path_factory.mktemp("app")
     port = free_port()
     log = open(out / "app.log", "wb")

@@ -14,7 +14,7 @@ import torch
 from model.convert import ConversionError, convert, convert_unet_state, convert_vae_state, extract_visual, read_state_dict
 from model.mvmodel import ModelConfig, MultiViewModel, double_radians_features
 from model.unet import build_unet, camera_features, multiview_forward
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, run_main
 from tests.ldm_layout import UNET, unet_keys, vae_keys
 
 TINY_LDM = dict(in_ch=3, out_ch=3, mc=32, mult=(1, 2), res_blocks=1, attention_levels=(1,), ctx=64)
@@ -310,7 +310,7 @@ def test_converted_directory_brings_vae_encoder_and_featurisation_to_finetune_an
         sys.path.remove(str(ROOT / "pipelines"))
 
 
-def test_full_size_without_weights_refuses_in_one_line(rendered_demo, tmp_path):
+def test_full_size_without_weights_refuses_in_one_line(rendered_demo, tmp_path, capsys):
     with pytest.raises(ValueError, match="model.vae_path is not set"):
         ModelConfig.sd21().validate()
     no_encoder = dataclasses.replace(ModelConfig.sd21(), vae_path=None, allow_random_weights=False,
@@ -322,28 +322,27 @@ def test_full_size_without_weights_refuses_in_one_line(rendered_demo, tmp_path):
     with torch.device("meta"):
         model = MultiViewModel(allowed)              # the full-size layout builds, without memory, when allowed
     assert sum(p.numel() for p in model.unet.parameters()) == pytest.approx(867.6e6, rel=1e-3)
-    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "sd21",
-                        "--data", str(rendered_demo), "--output", str(tmp_path / "run")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model.vae_path is not set" in r.stderr
+    code, _, err = run_main("finetune", ["--stage", "1", "--config", "sd21", "--data", rendered_demo, "--output",
+                                         tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "model.vae_path is not set" in err
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("name,content", [("text.ckpt", "not a checkpoint\n"), ("image.png", "<html></html>"),
                                           ("weights.safetensors", "not a checkpoint\n"), ("nothing.pt", "")])
-def test_a_file_that_is_no_checkpoint_is_one_whole_line(name, content, rendered_demo, tmp_path):
+def test_a_file_that_is_no_checkpoint_is_one_whole_line(name, content, rendered_demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ISO3D_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / name
     bad.write_text(content)
     image = DATA / "clip-rgba-333x300.png"
-    commands = [["generate.py", "--image", str(image), "--checkpoint", str(bad), "--output", str(tmp_path / "g")]]
+    commands = [["generate", "--image", image, "--checkpoint", bad, "--output", tmp_path / "g"]]
     if name == "text.ckpt":        # the same loader behind both scripts: one finetune.py case is enough
-        commands.append(["finetune.py", "--stage", "1", "--data", str(rendered_demo), "--output", str(tmp_path / "f"),
-                         "--init", str(bad)])
-    for cmd in commands:
-        r = subprocess.run([sys.executable, str(ROOT / "pipelines" / cmd[0]), *cmd[1:]], capture_output=True, text=True,
-                           env={**__import__("os").environ, "ISO3D_CACHE": str(tmp_path / "cache")})
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert r.stderr.count("\n") == 1 and str(bad) in r.stderr, r.stderr
-        assert r.stderr.rstrip().endswith((")", "safetensors)", "checkpoint (.ckpt/.pt/.safetensors)")), r.stderr
+        commands.append(["finetune", "--stage", "1", "--data", rendered_demo, "--output", tmp_path / "f", "--init", bad])
+    for script, *args in commands:
+        code, _, err = run_main(script, args, capsys)
+        assert code == 2, err[-2000:]
+        assert err.count("\n") == 1 and str(bad) in err, err
+        assert err.rstrip().endswith((")", "safetensors)", "checkpoint (.ckpt/.pt/.safetensors)")), err
 
 
 def test_checkpoints_are_readable_by_diffusers_and_old_ones_still_load(tiny_checkpoint, tmp_path):
@@ -396,8 +395,8 @@ def test_sampler_eta_one_is_seeded_and_differs_from_eta_zero():
     assert not torch.allclose(run(1.0, 5), run(0.0, 5), atol=1e-4)
 
 
-def test_an_unknown_config_names_the_presets(rendered_demo, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "huge",
-                        "--data", str(rendered_demo), "--output", str(tmp_path / "run")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tiny, small, sd21" in r.stderr
+def test_an_unknown_config_names_the_presets(rendered_demo, tmp_path, capsys):
+    code, _, err = run_main("finetune", ["--stage", "1", "--config", "huge", "--data", rendered_demo, "--output",
+                                         tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "tiny, small, sd21" in err
     assert not (tmp_path / "run").exists()

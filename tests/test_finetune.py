@@ -74,14 +74,27 @@ def test_resume_gives_the_same_weights_as_training_straight(two_objects, tmp_pat
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_stage1_then_stage2_through_the_cli_and_ray_train_ddp(ray_local, two_objects, tmp_path):
-    s1 = tmp_path / "s1"
-    assert finetune_main(["--stage", "1", "--config", "tiny", "--data", str(two_objects), "--output", str(s1),
-                          "--max-steps", "2", "--num-workers", "2", "sample_steps=2", "ckpt_every=2"]) == 0
-    ckpt = s1 / "checkpoints" / "step-000002"
+# One Ray Train run (2 DDP workers x 1 object per micro-batch, 2 micro-batches accumulated: DDP all-reduces only
+# at the second, no_sync) through the CLI serves three tests: the CLI's outputs, the DDP equivalence with one
+# process x 2 objects, and the killed-worker run, which must end with exactly its weights.
+RAY_RUN = ["--stage", "1", "--config", "tiny", "--max-steps", "4", "--num-workers", "2", "sample_steps=2", "val_every=10000",
+           "log_every=1", "ckpt_every=2", "batch_size=1", "grad_accum=2", "warmup_steps=1", "lr_schedule=constant"]
+WEIGHTS = "checkpoints/step-000004/unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_local, two_objects, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ray_run") / "s1"
+    assert finetune_main([*RAY_RUN, "--data", str(two_objects), "--output", str(run)]) == 0
+    return run
+
+
+def test_stage1_on_ray_train_then_stage2_through_the_cli(ray_run, two_objects, tmp_path):
+    ckpt = ray_run / "checkpoints" / "step-000004"
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["camera_featurization"] == "mvdream" and cfg["latent"] == "pixel"
-    assert (s1 / "config.yaml").exists() and "finetune" in (s1 / "cmd.txt").read_text()
+    assert (ray_run / "config.yaml").exists() and "finetune" in (ray_run / "cmd.txt").read_text()
+    assert sorted(p.name for p in (ray_run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     s2 = tmp_path / "s2"
     assert finetune_main(["--stage", "2", "--data", str(two_objects), "--output", str(s2), "--init", str(ckpt),
                           "--max-steps", "2", "sample_steps=2"]) == 0
@@ -110,17 +123,19 @@ def test_two_ranks_gradients_average_to_the_double_batch_gradient(two_objects):
             torch.testing.assert_close(g, (g0 + g1) / 2, atol=1e-6, rtol=1e-4)
 
 
-def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_local, two_objects, tmp_path):
-    """Ray Train, 2 DDP workers (gloo) x 1 object per micro-batch against this process x 2, 3 steps of
-    2 accumulated micro-batches (DDP all-reduces only at the second: no_sync). AdamW turns float-rounding
-    differences of near-zero gradients into steps of lr size, so the weights agree to 2% of how far
-    training moved them (measured without accumulation: at most 5.9e-5 of 6.0e-3, median 1e-7);
-    different samples or draws would differ by about the movement itself."""
-    cfg = dict(max_steps=3, ckpt_every=3, val_every=10_000, sample_steps=2, warmup_steps=1, grad_accum=2)
+def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_run, two_objects, tmp_path):
+    """The Ray Train run (2 DDP workers, gloo, x 1 object) against this process x 2 objects, 4 steps of 2
+    accumulated micro-batches. This shows that both workers trained and were averaged: one worker alone (or
+    two that were not all-reduced) would have followed the gradient of one object, about as far from the
+    double batch as training moved. AdamW turns float-rounding differences of near-zero gradients into steps
+    of lr size, so the weights agree to 2% of how far training moved them (measured: at most 5.9e-5 of 6.0e-3,
+    median 1e-7)."""
+    cfg = dict(max_steps=4, ckpt_every=2, val_every=10_000, sample_steps=2, warmup_steps=1, grad_accum=2,
+               lr_schedule="constant")
     train(tiny(1, batch_size=2, **cfg), two_objects, tmp_path / "one")
-    train(tiny(1, batch_size=1, **cfg), two_objects, tmp_path / "two", num_workers=2)
-    weights = "checkpoints/step-000003/unet/diffusion_pytorch_model.safetensors"
-    one, two = load_file(str(tmp_path / "one" / weights)), load_file(str(tmp_path / "two" / weights))
+    train(tiny(1, batch_size=1, **cfg), two_objects, tmp_path / "alone")          # what one worker alone would do
+    one, two = load_file(str(tmp_path / "one" / WEIGHTS)), load_file(str(ray_run / WEIGHTS))
+    alone = load_file(str(tmp_path / "alone" / WEIGHTS))
     torch.manual_seed(0)                                     # the initial weights every rank starts from
     init = MultiViewModel(ModelConfig.tiny()).unet.state_dict()
     assert one.keys() == two.keys() == init.keys()
@@ -128,20 +143,19 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_local, two_ob
     differ = sorted(float((one[k] - two[k]).abs().max()) for k in one)
     assert moved > 1e-3
     assert differ[-1] < 0.02 * moved and differ[len(differ) // 2] < 1e-5
+    assert max(float((alone[k] - two[k]).abs().max()) for k in one) > 0.2 * moved
 
 
-def test_a_killed_ray_train_worker_is_restarted_and_the_run_ends_as_an_unkilled_one(ray_local, two_objects, tmp_path,
+def test_a_killed_ray_train_worker_is_restarted_and_the_run_ends_as_an_unkilled_one(ray_run, two_objects, tmp_path,
                                                                                   monkeypatch):
     """Rank 1 SIGKILLs itself after optimizer step 3 (ISO3D_KILL_TRAIN_WORKER): Ray Train's FailureConfig
     restarts both workers, they resume from the step-2 checkpoint Ray hands back, and the weights at step 4
     are those of the same run without the kill."""
-    cfg = tiny(1, batch_size=1, max_steps=4, ckpt_every=2, lr_schedule="constant")
-    train(cfg, two_objects, tmp_path / "straight", num_workers=2)
     monkeypatch.setenv("ISO3D_KILL_TRAIN_WORKER", "1:3")
-    train(cfg, two_objects, tmp_path / "killed", num_workers=2, max_failures=1)
-    assert (tmp_path / "killed" / "fault-injected.txt").read_text().startswith("rank 1 killed itself after step 3")
-    weights = "checkpoints/step-000004/unet/diffusion_pytorch_model.safetensors"
-    a, b = load_file(str(tmp_path / "straight" / weights)), load_file(str(tmp_path / "killed" / weights))
+    killed = tmp_path / "killed"
+    assert finetune_main([*RAY_RUN, "--data", str(two_objects), "--output", str(killed), "--max-failures", "1"]) == 0
+    assert (killed / "fault-injected.txt").read_text().startswith("rank 1 killed itself after step 3")
+    a, b = load_file(str(ray_run / WEIGHTS)), load_file(str(killed / WEIGHTS))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -17,21 +17,25 @@ def test_filesystem_types():
 
 
 def test_two_nodes_refuse_local_storage_then_prepare_with_shared_storage(rendered_demo, tmp_path):
-    finetune = [sys.executable, str(ROOT / "tests" / "ray_two_nodes.py"), sys.executable,
-                str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "tiny", "--data", str(rendered_demo),
-                "--max-steps", "1", "--num-workers", "2", "--address", "{address}", "sample_steps=1", "batch_size=1"]
-    r = subprocess.run(finetune + ["--output", str(tmp_path / "local")], capture_output=True, text=True, timeout=300)
-    error = [line for line in r.stderr.splitlines() if line.startswith("finetune.py: error:")]
-    assert r.returncode == 2 and len(error) == 1, r.stderr[-3000:]
-    kind = filesystem_type(rendered_demo)
-    assert f"--data {rendered_demo}: on a local filesystem ({kind}) but the Ray cluster has 2 nodes" in error[0]
-    assert "--shared-storage" in error[0]
-    assert not (tmp_path / "local").exists()
-
-    # --shared-storage: the user vouches for the paths; the prepare step then runs as Ray tasks on both nodes.
     data = tmp_path / "renders"
     shutil.copytree(rendered_demo / "objects", data / "objects")
-    prepare = [a if a != str(rendered_demo) else str(data) for a in finetune] + ["--prepare", "--shared-storage"]
-    r = subprocess.run(prepare, capture_output=True, text=True, timeout=600)
+    finetune = [sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "tiny", "--data",
+                str(data), "--max-steps", "1", "--num-workers", "2", "--address", "{address}", "sample_steps=1",
+                "batch_size=1"]
+    # One cluster for both commands: the refusal, then (--shared-storage: the user vouches for the paths) the
+    # prepare step as Ray tasks on both nodes.
+    logs = tmp_path / "logs"
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "ray_two_nodes.py"), str(logs),
+                        *finetune, "--output", str(tmp_path / "local"), "--then", *finetune, "--prepare", "--shared-storage"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"objects": 4, "broken": 0, "encoded": 4, "shards_written": 1}
+    refused, prepared = [((logs / f"{i}.rc").read_text(), (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+                         for i in (0, 1)]
+    error = [line for line in refused[2].splitlines() if line.startswith("finetune.py: error:")]
+    assert refused[0] == "2" and len(error) == 1, refused[2][-3000:]
+    kind = filesystem_type(data)
+    assert f"--data {data}: on a local filesystem ({kind}) but the Ray cluster has 2 nodes" in error[0]
+    assert "--shared-storage" in error[0]
+    assert not (tmp_path / "local").exists()
+    assert prepared[0] == "0", prepared[2][-3000:]
+    assert json.loads(prepared[1].strip().splitlines()[-1]) == {"objects": 4, "broken": 0, "encoded": 4, "shards_written": 1}
