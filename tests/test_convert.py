@@ -105,19 +105,19 @@ def test_tiny_conversion_gives_the_same_unet_as_diffusers_single_file_loader(tin
     assert cfg_written["camera_featurization"] == "mvdream"                  # no image tower in the file
 
 
-def test_cli_writes_the_featurisation_and_finetune_takes_the_file_directly(tiny_ldm_file, rendered_demo, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "convert_checkpoint.py"), "--input", str(tiny_ldm_file),
-                        "--output", str(tmp_path / "c"), "--camera-featurization", "isotropic3d-double-radians"],
-                       capture_output=True, text=True)
+def test_cli_writes_the_featurisation_and_finetune_takes_the_file_directly(tiny_ldm_file, rendered_demo, tmp_path, capsys,
+                                                                           monkeypatch):
+    code, _, err = run_main("convert_checkpoint", ["--input", tiny_ldm_file, "--output", tmp_path / "c",
+                                                   "--camera-featurization", "isotropic3d-double-radians"], capsys)
     # The CLI converts to the sd21 layout: a tiny file does not fit it, and says so in one line.
-    assert r.returncode == 2 and "not mapped" in r.stderr and r.stderr.count("\n") == 1
+    assert code == 2 and "not mapped" in err and err.count("\n") == 1
     assert not (tmp_path / "c").exists()
     env_cache = tmp_path / "cache"
-    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "tiny",
-                        "--data", str(rendered_demo), "--output", str(tmp_path / "run"), "--init", str(tiny_ldm_file),
-                        "--max-steps", "1", "val_every=100", "model.unet.multiview_attention=true"],
-                       capture_output=True, text=True, env={**__import__("os").environ, "ISO3D_CACHE": str(env_cache)})
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setenv("ISO3D_CACHE", str(env_cache))
+    code, _, err = run_main("finetune", ["--stage", "1", "--config", "tiny", "--data", rendered_demo, "--output",
+                                         tmp_path / "run", "--init", tiny_ldm_file, "--max-steps", "1", "val_every=100",
+                                         "model.unet.multiview_attention=true"], capsys)
+    assert code == 0, err[-2000:]
     converted = list((env_cache / "converted").iterdir())
     assert len(converted) == 1 and converted[0].name.startswith("tiny-4view-")
     assert (tmp_path / "run" / "checkpoints" / "step-000001" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -106,12 +106,14 @@ def test_logs_are_plain_lines_and_commands_name_final_paths(demo):
         assert ".partial" not in cmd.read_text(), cmd
 
 
-def test_bad_setting_fails_before_anything_is_written(tmp_path, capsys):
+def test_bad_setting_fails_before_anything_is_written(demo, tmp_path, capsys):
     from pipelines.demo import main
-    out = tmp_path / "demo"
-    assert main(["--output", str(out), *SMALL, "stage1.overrides=[lr_schedule=cosine]"]) == 2
-    assert "cosine" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not out.exists()
+    out, _ = demo
+    before = (out / "config.yaml").read_text()
+    for where in (out, tmp_path / "new"):
+        assert main(["--output", str(where), *SMALL, "stage1.overrides=[lr_schedule=cosine]"]) == 2
+        assert "cosine" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "config.yaml").read_text() == before and not (tmp_path / "new").exists()
 
 
 def test_stage_keys_change_with_their_settings_and_everything_upstream():

@@ -182,16 +182,18 @@ def test_tiny_model_conditions_on_standardised_embeddings(two_objects, tmp_path)
     """The tiny encoder's raw embeddings of different objects are nearly parallel; the model is conditioned
     on them standardised with the training set's statistics (saved in the checkpoint), and the condition
     then decides what is sampled: with the same noise, each object's embedding gives views closer to its
-    own ground truth than to the other object's."""
+    own ground truth than to the other object's, by a margin: measured on 2 cores, the other object's error is
+    1.38x and 1.97x the own one after 60 steps (1.25x and 2.9x after 150, 1.24x and 1.84x after 40); an
+    unconditioned model gives 1x."""
     import numpy as np
     from model.checkpoint import model_config
     from model.train import embedding_statistics
-    cfg = tiny(max_steps=150, batch_size=4, ckpt_every=150, cond_dropout=0.1)
+    cfg = tiny(max_steps=60, batch_size=4, ckpt_every=60, cond_dropout=0.1)
     objs = prepare(cfg.model, two_objects, cfg.prepare).objects()
     raw = [o.clip().mean(0) for o in objs]
     assert torch.nn.functional.cosine_similarity(raw[0], raw[1], dim=0) > 0.95      # why standardise
     train(cfg, two_objects, tmp_path)
-    ck = tmp_path / "checkpoints" / "step-000150"
+    ck = tmp_path / "checkpoints" / "step-000060"
     saved = model_config(ck)
     mean, std = embedding_statistics(objs)
     assert saved.embedding_mean == pytest.approx(mean) and saved.embedding_std == pytest.approx(std)
@@ -207,4 +209,4 @@ def test_tiny_model_conditions_on_standardised_embeddings(two_objects, tmp_path)
                                     generator=torch.Generator().manual_seed(0)))
         truths.append(item["target"])
     err = np.array([[float(((samples[i] - truths[j]) ** 2).mean()) for j in range(2)] for i in range(2)])
-    assert err[0, 0] < err[0, 1] and err[1, 1] < err[1, 0], err
+    assert err[0, 1] > 1.15 * err[0, 0] and err[1, 0] > 1.15 * err[1, 1], err

@@ -1,10 +1,12 @@
 """The install files agree with each other, and CI runs exactly the README's test command."""
 import re
+import shutil
 import tomllib
 
+import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, chromium_path
 
 
 def test_environment_yml_pins_match_pyproject():
@@ -26,3 +28,13 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = re.search(r"```sh\n(?:.*\n)*?(make test)\n", readme).group(1)
     assert command in ci.splitlines()
+
+
+def test_a_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must open the pages"):
+        chromium_path()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="chromium is not installed"):
+        chromium_path()
