@@ -137,12 +137,11 @@ def test_rerun_skips_and_changed_setting_renders_again(assets):
 
 
 def test_hostile_set_is_classified_and_the_shard_completes(tmp_path):
-    """The timeout is 15 s: every object that renders takes 1.8-2.8 s here (32 px, 4 samples, measured on
-    2 cores), so a render in time is not taken for a hang even beside another test's load, and the hang
-    (an idle wait) costs 2 x 15 s, not 2 x 25 s."""
+    """The timeout is 8 s: every object that renders takes 1.8-2.8 s here (32 px, 4 samples, measured on
+    2 cores), so a render in time is not taken for a hang, and the hang costs 2 x 8 s, not 2 x 25 s."""
     src = make_hostile_set(tmp_path / "in")
     out = tmp_path / "out"
-    assert render_main(["--source", str(src), "--output", str(out), *SMALL, "--timeout", "15", "--retries", "1"]) == 0
+    assert render_main(["--source", str(src), "--output", str(out), *SMALL, "--timeout", "8", "--retries", "1"]) == 0
     latest = RenderRoot(out).latest()
     assert len(latest) == len(EXPECTED)
     for name, (status, reason) in EXPECTED.items():
