@@ -114,14 +114,3 @@ def render_worker_pids(root) -> list[int]:
         if marker in env and state != "Z":
             pids.append(int(d.name))
     return pids
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(rendered_demo, tmp_path_factory):
-    """A tiny model really fine-tuned (stage 1, a few steps) on the rendered demo objects."""
-    import dataclasses
-    from model.train import TrainConfig, train
-    run = tmp_path_factory.mktemp("tiny_run")
-    cfg = dataclasses.replace(TrainConfig.tiny(1), max_steps=6, ckpt_every=6, val_every=10_000, sample_steps=2)
-    train(cfg, rendered_demo, run)
-    return run / "checkpoints" / "step-000006"

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from common.config import load_config
-from tests.conftest import ROOT, chromium_path
+from tests.conftest import ROOT, chromium_path, run_main
 
 SCRIPT = str(ROOT / "pipelines" / "demo.py")
 # 4 objects at 32 px; val_percent 25 holds out demo2-0-002-cylinder and demo2-0-003-cone.
@@ -27,8 +27,7 @@ SMALL = ["render.count=4", "render.resolution=32", "render.samples=4", "render.d
          "stage1.max_steps=2", "stage2.max_steps=2", "generate.steps=4",
          "generate.overrides=[val_every=4,ckpt_every=2,preview_steps=2,export.resolution=32,export.threshold=3,"
          "export.turntable_frames=4,export.turntable_size=32]"]
-NO_SURFACE = ("generate.overrides=[val_every=4,ckpt_every=2,preview_steps=2,export.resolution=32,export.threshold=1e9,"
-              "export.turntable_frames=4,export.turntable_size=32]")
+NO_SURFACE = SMALL[-1].replace("export.threshold=3,", "export.threshold=1e9,")   # a field with no surface that dense
 
 
 def run(out, *extra, timeout=900):
@@ -107,16 +106,15 @@ def test_logs_are_plain_lines_and_commands_name_final_paths(demo):
 
 
 def test_bad_setting_fails_before_anything_is_written(demo, tmp_path, capsys):
-    from pipelines.demo import main
     out, _ = demo
     before = (out / "config.yaml").read_text()
     for where in (out, tmp_path / "new"):
-        assert main(["--output", str(where), *SMALL, "stage1.overrides=[lr_schedule=cosine]"]) == 2
-        assert "cosine" in capsys.readouterr().err.strip().splitlines()[-1]
+        code, _, err = run_main("demo", ["--output", where, *SMALL, "stage1.overrides=[lr_schedule=cosine]"], capsys)
+        assert code == 2 and "cosine" in err.strip().splitlines()[-1]
     assert (out / "config.yaml").read_text() == before and not (tmp_path / "new").exists()
 
 
-def test_stage_keys_change_with_their_settings_and_everything_upstream():
+def test_stage_keys_change_with_their_settings_for_that_stage_and_every_later_one():
     """What a changed setting redoes, without running: its stage and every stage after it get new keys, the
     stages before it keep theirs (a new key = a new directory = the stage is redone; a kept key = reused)."""
     from pipelines.demo import STAGES, DemoConfig, stage_keys
@@ -131,11 +129,11 @@ def test_stage_keys_change_with_their_settings_and_everything_upstream():
 
 
 def test_second_run_reuses_everything(demo, capsys):
-    from pipelines.demo import main
     out, first = demo
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-*/**/*") if p.is_file() and "logs" not in p.parts}
-    assert main(["--output", str(out), *SMALL]) == 0
-    again = json.loads(capsys.readouterr().out)
+    code, printed, _ = run_main("demo", ["--output", out, *SMALL], capsys)
+    assert code == 0
+    again = json.loads(printed)
     assert all(again["cached"].values())
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps     # no stage redid its work
     assert again["objects"] == first["objects"]

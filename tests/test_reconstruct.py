@@ -24,7 +24,7 @@ import trimesh
 from optimize3d.evaluate import volume_iou
 from optimize3d.reconstruct import exported_mesh_z_up, source_mesh
 from render.layout import object_dirs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_main
 
 SCRIPT = str(ROOT / "pipelines" / "generate.py")
 FIT = ["--config", "tiny", "--no-progress", "steps=200", "export.turntable_frames=8"]
@@ -81,7 +81,6 @@ def test_exported_mesh_overlaps_the_source_in_its_orientation(reconstructed, ren
 
 
 def test_reconstruction_outputs_and_cache(reconstructed, rendered_box, capsys):
-    from tests.conftest import run_main
     run = Path(reconstructed["output"])
     for name in ("config.yaml", "cmd.txt", "validation.png", "mesh.glb", "turntable.gif", "losses.jsonl",
                  "metrics.json", "export.json", "reconstruct.log"):
@@ -111,7 +110,7 @@ def test_guidance_embeds_the_3d_stages_cameras_as_training_embeds_rendered_views
     from dataset.samples import MultiViewDataset, SampleConfig
     from dataset.views import RenderedObject
     from model.mvmodel import ModelConfig, MultiViewModel
-    from optimize3d.guidance import GuidanceConfig, MultiViewGuidance
+    from optimize3d.guidance import MultiViewGuidance
     from optimize3d.optimize import GenerateConfig, sample_cameras
     obj = RenderedObject.open(sorted(object_dirs(rendered_demo).values())[0])
     ds = MultiViewDataset([obj], None, SampleConfig(image_size=32))
@@ -127,7 +126,7 @@ def test_guidance_embeds_the_3d_stages_cameras_as_training_embeds_rendered_views
             return predict_noise(x, t, cams16, context, views)
         model.predict_noise = recording_predict_noise
         width = model.unet.config.cross_attention_dim
-        guide = MultiViewGuidance(model, torch.randn(width, generator=torch.Generator().manual_seed(1)), GuidanceConfig())
+        guide = MultiViewGuidance(model, torch.randn(width, generator=torch.Generator().manual_seed(1)), cfg.guidance)
         for seed in (0, 1, 2):
             sample = ds[(0, "multi", seed)]
             ref_az, _ = obj.angles("random", sample["reference_view"])
@@ -153,7 +152,6 @@ def test_guidance_embeds_the_3d_stages_cameras_as_training_embeds_rendered_views
 ])
 def test_bad_views_are_one_line_errors_before_any_output(rendered_box, tmp_path, damage, message, capsys):
     import shutil
-    from tests.conftest import run_main
     folder = tmp_path / "views"
     shutil.copytree(rendered_box, folder)
     extra = []
