@@ -26,6 +26,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch first and pinned: the CPU-loadable pair; a later resolver run would otherwise pick another torch
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	# rembg imports pymatting, whose numba kernels compile on the first import (about a minute) and are cached
+	$(PY) -c "import rembg"
 	touch $@
 
 demo: setup

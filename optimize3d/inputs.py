@@ -1,9 +1,8 @@
-"""The input image of image-to-3D: checked, composited on white, identified by its content.
+"""The input image of image-to-3D: checked, upright, identified by its content.
 
-    image = load_input_image(Path("photo.png"))   # PIL RGB on white, or InputImageError (one line)
+    picture = load_input_image(Path("photo.png"))   # PIL RGBA (RGB made opaque), or InputImageError (one line)
 
-RGBA: composited on white with its alpha. RGB: taken as already on a plain (ideally white) background;
-nothing is segmented.
+What the model then sees (segmentation, framing, compositing on white) is optimize3d/preprocess.py's.
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from render.preview import on_white
 
@@ -49,10 +48,9 @@ def load_input_image(path: Path) -> Image.Image:
         raise
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise InputImageError(f"image {path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    rgba = img.convert("RGBA")
+    rgba = ImageOps.exif_transpose(img).convert("RGBA")      # a phone photo's orientation tag applied
     if np.asarray(rgba)[..., 3].max() == 0:
         raise InputImageError(f"image {path}: fully transparent (nothing to reconstruct)")
-    rgb = on_white(rgba)
-    if (np.asarray(rgb) >= WHITE_LEVEL).all():
+    if (np.asarray(on_white(rgba)) >= WHITE_LEVEL).all():
         raise InputImageError(f"image {path}: only white pixels (nothing to reconstruct)")
-    return rgb
+    return rgba

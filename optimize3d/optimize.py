@@ -3,10 +3,11 @@
     cfg = GenerateConfig.tiny()                               # or GenerateConfig.sd21() (the paper)
     result = generate(Path("photo.png"), Path("ckpt/step-000200"), Path("outputs/gen"), cfg)
 
-Output: <out>/<image-stem>-<key>/ with config.yaml, cmd.txt, multiview.png
-(input + the 4 sampled views; each view also in multiview/),
+Output: <out>/<image-stem>-<key>/ with config.yaml, cmd.txt, input.png (the RGBA the model saw, after
+optimize3d/preprocess.py's segmentation and framing), multiview.png (that input on white + the 4 sampled
+views; each view also in multiview/),
 nerf/step-N/ (resumable), validation/step-N.png, mesh.glb, turntable.gif, generate.log, result.json.
-The key hashes the image's bytes, the checkpoint and every setting but `export`: the directory is
+The key hashes the image's bytes, the checkpoint, the segmenter file and every setting but `export`: the directory is
 built as <name>.partial/ and renamed when complete. A rerun reuses a complete directory (and only
 re-exports when `export` settings changed); after a crash it resumes from the last nerf/ checkpoint.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -31,16 +33,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from common.atomic import append_line, atomic_write_json, replace_dir
-from common.config import config_hash, save_config, stable_seed
+from common.config import config_hash, file_digest, save_config, stable_seed
 from optimize3d.export import ExportConfig, extract_mesh, save_mesh, save_turntable, turntable_frames
 from optimize3d.field import Field, FieldConfig
 from optimize3d.guidance import GuidanceConfig, MultiViewGuidance, linear_ramp
 from optimize3d.march import MarchConfig, new_occupancy_grid, update_grid
+from optimize3d.preprocess import PreprocessConfig
 from optimize3d.renderer import render_views
 from optimize3d.shading import draw_shading, light_positions
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: the input is preprocessed (segmentation, framing) and saved as input.png
 # The renders' camera (distance 1.5, FOV ~49.1) as distance x tan(FOV / 2): the tiny model's training cameras.
 TRAINING_RELATIVE_DISTANCE = DISTANCE * math.tan(math.radians(FOV_DEG) / 2)
 log = logging.getLogger("generate")
@@ -48,6 +51,8 @@ log = logging.getLogger("generate")
 
 @dataclass
 class GenerateConfig:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """What the model sees of the image: segmentation and framing (optimize3d/preprocess.py)."""
     nerf: FieldConfig = field(default_factory=FieldConfig)
     """The field: hash grid + MLPs (optimize3d/field.py)."""
     march: MarchConfig = field(default_factory=MarchConfig)
@@ -111,6 +116,7 @@ class GenerateConfig:
             val_every=100, ckpt_every=100, log_every=10, preview_steps=20, deterministic=True)
 
     def validate(self) -> None:
+        self.preprocess.validate()
         if len(self.resolutions) != len(self.resolution_milestones) + 1:
             raise ValueError(f"resolutions {self.resolutions} need one more entry than resolution_milestones "
                              f"{self.resolution_milestones}")
@@ -313,6 +319,8 @@ def preview_cameras(cfg: GenerateConfig) -> torch.Tensor:
 def output_key(image_sha: str, checkpoint_id: str, cfg: GenerateConfig) -> str:
     settings = dataclasses.asdict(cfg)
     settings.pop("export")
+    segmenter = settings["preprocess"]["segmenter"]           # the file's identity, not where it lies
+    settings["preprocess"]["segmenter"] = file_digest(segmenter) if segmenter else ""
     return config_hash({"image": image_sha, "checkpoint": checkpoint_id, "settings": settings, "schema": SCHEMA_VERSION})
 
 
@@ -343,8 +351,9 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
     model_overrides: `key=value` ModelConfig fields over the checkpoint's own configuration."""
     from model import checkpoint
     from optimize3d.inputs import image_digest, load_input_image
-    from common.atomic import atomic_write_text
-    from render.preview import grid as image_grid
+    from optimize3d.preprocess import preprocess
+    from common.atomic import atomic_path, atomic_write_text
+    from render.preview import grid as image_grid, on_white
 
     cfg.validate()
     picture = load_input_image(image)
@@ -359,12 +368,19 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
     with run_directory(final, cfg.export, log, "generate.log") as work:
         if work is None:
             return {"image": str(image), "output": str(final), "status": "cached", "seconds": time.time() - t0}
+        rgba, warnings = preprocess(picture, cfg.preprocess, str(image))
+        for w in warnings:
+            log.warning(w)
+        with atomic_path(work / "input.png") as tmp:
+            rgba.save(tmp, format="PNG")
+        picture = on_white(rgba)
         dev = resolve_device(device)
         model = checkpoint.load_model(checkpoint_dir, model_cfg).to(dev)
         save_config(cfg, work / "config.yaml")
         if cmd:
             atomic_write_text(work / "cmd.txt", cmd + "\n")
-        embedding = clip_embedding(picture, image_sha, model.cfg, Path(out_root) / "cache" / "clip")
+        picture_sha = hashlib.sha256(repr(picture.size).encode() + picture.tobytes()).hexdigest()
+        embedding = clip_embedding(picture, picture_sha, model.cfg, Path(out_root) / "cache" / "clip")
         if not (work / "multiview.png").is_file():
             g = torch.Generator().manual_seed(cfg.seed)
             views = model.sample_preview(embedding, preview_cameras(cfg), cfg.preview_steps, cfg.guidance.guidance_scale, g)
@@ -381,11 +397,12 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
             nerf, grid = optimize(cfg, model, embedding, work, progress=progress)
         info = export_outputs(nerf, grid, cfg, work)
         log.info("exported %s", json.dumps(info))
-    return {"image": str(image), "output": str(final), "status": "ok", "seconds": time.time() - t0, **info}
+    return {"image": str(image), "output": str(final), "status": "ok", "seconds": time.time() - t0,
+            "warnings": warnings, **info}
 
 
 def clip_embedding(picture: Image.Image, image_sha: str, model_cfg, cache: Path) -> torch.Tensor:
-    """The image's CLIP embedding, cached per (image content, encoder identity and preprocessing)."""
+    """The picture's CLIP embedding, cached per (the picture's pixels, encoder identity and preprocessing)."""
     from common.atomic import atomic_write_bytes
     from model.encoder import ImageEncoder, encoder_identity
     from safetensors.torch import save as save_bytes

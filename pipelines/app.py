@@ -4,14 +4,17 @@
     python pipelines/app.py --checkpoint runs/stage2 --port 8000
     python pipelines/app.py --host 0.0.0.0                    # other machines may connect: only when you mean it
     python pipelines/app.py --steps 200 export.threshold=8    # settings for every request (generate.py's)
+    python pipelines/app.py --segmenter u2net.onnx            # photos: a "remove background" box, on by default
 
 Each request runs `pipelines/generate.py` in its own process with the same output folder and cache as
 the command line (default outputs/app/): a second request for the same image, checkpoint and settings
 returns the finished result at once; a request that was interrupted resumes. The uploaded image is
 saved under its content hash (inputs/<sha256>.png), so its result is found again whatever the file was
-called. While the 3D stage runs the page shows the step, the losses and the field's latest validation
-views; then the 4 sampled views, the turntable, the mesh in a 3D viewer and a download of mesh.glb.
-A bad image is refused with generate.py's one-line message before any model is loaded.
+called. Before anything runs, the page shows the input as the model will see it (optimize3d/preprocess.py:
+the object cut out when "remove background" is ticked, centred and scaled like the training renders). While the
+3D stage runs it shows the step, the losses and the field's latest validation views; then the 4 sampled views,
+the turntable, the mesh in a 3D viewer and a download of mesh.glb. A bad image is refused with generate.py's
+one-line message before any model is loaded; a photo that is not on white gets its warning.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a clone without install
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")     # nothing leaves the machine
 
-from common.atomic import atomic_write_bytes  # noqa: E402
+from common.atomic import atomic_path, atomic_write_bytes  # noqa: E402
+from common.config import ConfigError, config_hash, load_config  # noqa: E402
 from optimize3d.inputs import InputImageError, image_digest, load_input_image  # noqa: E402
+from optimize3d.preprocess import PreprocessConfig, preprocess  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "outputs" / "app"
 DEMO_RUN = ROOT / "outputs" / "demo-run"
@@ -87,33 +92,65 @@ def run_generate(image: Path, checkpoint: str, output: Path, extra: list[str]):
     return json.loads(stdout)
 
 
-def build_app(output: Path, offered: list[str], extra: list[str]):
-    import gradio as gr
+def preprocess_settings(extra: list[str], segmenter: Path | None) -> PreprocessConfig:
+    """The preprocess.* settings every request's generate.py gets (remove_background is the page's box)."""
+    overrides = [o[len("preprocess."):] for o in extra if o.startswith("preprocess.")]
+    cfg = load_config(PreprocessConfig, None, overrides)
+    if segmenter is not None:
+        cfg.segmenter = str(segmenter)
+    cfg.validate()
+    return cfg
 
-    def generate(upload, checkpoint):
-        if upload is None:
-            raise gr.Error("drop an image first")
-        if not checkpoint:
-            raise gr.Error("no checkpoint: give --checkpoint, or run `make demo` first")
-        try:
-            load_input_image(Path(upload))                 # the CLI's check and message, before any model loads
-        except InputImageError as e:
-            raise gr.Error(str(e))
-        image = save_upload(upload, output / "inputs")
-        runs = run_generate(image, checkpoint, output, extra)
-        try:
-            while True:
-                status, validation = next(runs)
-                yield status, validation, None, None, None, None
-        except StopIteration as done:
-            result = done.value
-        except RuntimeError as e:
-            raise gr.Error(str(e))
-        run = Path(result["output"])
-        turntable = next(run.glob("turntable.*"), None)
-        status = f"{'cached' if result['status'] == 'cached' else 'done'}: {run}"
-        yield (status, max(run.glob("validation/*.png"), default=None), str(run / "multiview.png"),
-               None if turntable is None else str(turntable), str(run / "mesh.glb"), str(run / "mesh.glb"))
+
+def preview_input(upload: Path, cfg: PreprocessConfig, previews: Path) -> tuple[Path, list[str]]:
+    """The input as the model will see it (generate.py runs the same step again, into its input.png)."""
+    rgba, warnings = preprocess(load_input_image(upload), cfg, upload.name)
+    path = previews / f"{image_digest(upload)[:16]}-{config_hash(cfg)[:8]}.png"
+    with atomic_path(path) as tmp:
+        rgba.save(tmp, format="PNG")
+    return path, warnings
+
+
+def handle_request(upload, checkpoint, remove_background: bool, output: Path, settings: PreprocessConfig, extra: list[str]):
+    """One press of Generate. Yields the page's (status, input as the model sees it, validation views, sampled
+    views, turntable, result, download): first the preprocessed input alone, before generate.py starts."""
+    import gradio as gr
+    if upload is None:
+        raise gr.Error("drop an image first")
+    if not checkpoint:
+        raise gr.Error("no checkpoint: give --checkpoint, or run `make demo` first")
+    flags = ["--remove-background", "--segmenter", settings.segmenter] if remove_background and settings.segmenter else []
+    cfg = PreprocessConfig(**{**vars(settings), "remove_background": bool(flags)})
+    try:                                               # the CLI's checks and messages, before any model loads
+        seen, warnings = preview_input(Path(upload), cfg, output / "previews")
+    except InputImageError as e:
+        raise gr.Error(str(e))
+    image = save_upload(upload, output / "inputs")
+    for w in warnings:
+        gr.Warning(w)
+    yield "preprocessed" + (f" (warning: {warnings[0]})" if warnings else ""), str(seen), None, None, None, None, None
+    runs = run_generate(image, checkpoint, output, flags + extra)
+    try:
+        while True:
+            status, validation = next(runs)
+            yield status, str(seen), validation, None, None, None, None
+    except StopIteration as done:
+        result = done.value
+    except RuntimeError as e:
+        raise gr.Error(str(e))
+    run = Path(result["output"])
+    turntable = next(run.glob("turntable.*"), None)
+    status = f"{'cached' if result['status'] == 'cached' else 'done'}: {run}"
+    yield (status, str(run / "input.png"), max(run.glob("validation/*.png"), default=None), str(run / "multiview.png"),
+           None if turntable is None else str(turntable), str(run / "mesh.glb"), str(run / "mesh.glb"))
+
+
+def build_app(output: Path, offered: list[str], extra: list[str], segmenter: Path | None = None):
+    import gradio as gr
+    settings = preprocess_settings(extra, segmenter)
+
+    def generate(upload, checkpoint, remove_background):
+        yield from handle_request(upload, checkpoint, remove_background, output, settings, extra)
 
     def show_mesh(path):
         # The viewer gets its value once, from a plain (non-generator) event: Gradio 6.31's Model3D, set by a
@@ -121,16 +158,22 @@ def build_app(output: Path, offered: list[str], extra: list[str]):
         return path
 
     with gr.Blocks(title="iso3d: image to 3D", analytics_enabled=False) as app:
-        gr.Markdown("# iso3d: image to 3D\nDrop an image of one object (RGBA, or on a plain white background), "
-                    "pick a checkpoint, press Generate.")
+        gr.Markdown("# iso3d: image to 3D\nDrop an image of one object (RGBA, on a plain white background, or a photo "
+                    "with 'remove background' ticked), pick a checkpoint, press Generate.")
         with gr.Row():
             with gr.Column():
                 upload = gr.Image(type="filepath", label="input image", image_mode=None, elem_id="input-image",
                                   height=256)
                 checkpoint = gr.Dropdown(offered, value=offered[0] if offered else None, allow_custom_value=True,
                                          label="checkpoint (a checkpoint or run directory)", elem_id="checkpoint")
+                remove = gr.Checkbox(value=bool(settings.segmenter), interactive=bool(settings.segmenter),
+                                     label="remove background" + (f" ({Path(settings.segmenter).name})" if settings.segmenter
+                                                                  else " (start the app with --segmenter FILE.onnx)"),
+                                     elem_id="remove-background")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Textbox(label="progress", interactive=False, elem_id="status")
+                seen = gr.Image(label="what the model sees (preprocessed)", interactive=False, image_mode="RGBA",
+                                elem_id="model-input", height=256)
                 validation = gr.Image(label="3D stage: latest validation views (albedo, normals)", interactive=False,
                                       height=256, elem_id="validation")
             with gr.Column():
@@ -139,7 +182,7 @@ def build_app(output: Path, offered: list[str], extra: list[str]):
                 mesh = gr.Model3D(label="mesh", elem_id="mesh", clear_color=(1.0, 1.0, 1.0, 1.0), height=400)
                 download = gr.File(label="download mesh.glb", interactive=False, elem_id="download")
         result = gr.State()
-        button.click(generate, [upload, checkpoint], [status, validation, views, turntable, result, download]) \
+        button.click(generate, [upload, checkpoint, remove], [status, seen, validation, views, turntable, result, download]) \
               .then(show_mesh, [result], [mesh])
     return app
 
@@ -153,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--steps", type=int, help="generate.py --steps for every request")
+    p.add_argument("--segmenter", type=Path, help="a local ONNX segmenter for rembg (e.g. u2net.onnx): the page's "
+                   "'remove background' box, ticked by default")
     p.add_argument("overrides", nargs="*", help="generate.py key=value settings for every request")
     args = p.parse_args(argv)
     for ck in args.checkpoint:
@@ -160,11 +205,17 @@ def main(argv=None) -> int:
             print(f"app.py: error: --checkpoint {ck}: not a directory", file=sys.stderr)
             return 2
     extra = (["--steps", str(args.steps)] if args.steps else []) + args.overrides
+    segmenter = None if args.segmenter is None else args.segmenter.resolve()
+    try:
+        preprocess_settings(extra, segmenter)
+    except (ConfigError, ValueError) as e:
+        print(f"app.py: error: {e}", file=sys.stderr)
+        return 2
     offered = checkpoints(args.checkpoint)
     if not offered:
         print("app.py: no checkpoint found (give --checkpoint, or run `make demo`); one can be typed in the page",
               file=sys.stderr)
-    app = build_app(args.output.resolve(), offered, extra)
+    app = build_app(args.output.resolve(), offered, extra, segmenter)
     app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
                        allowed_paths=[str(args.output.resolve())])
     return 0

@@ -278,8 +278,11 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
             image = w / role / f"{uid}.png"
             shutil.copyfile(obj_dir / "fixed" / "000.png", image)   # azimuth 0: the run's frame is the object's
             try:
+                # preprocess.frame=false: the evaluation compares with the renders at their cameras, so the input keeps
+                # their scale (a photo would be framed like them).
                 run_script("generate.py", ["--image", image, "--checkpoint", latest_checkpoint(stage2), "--output",
-                                           w / role, "--steps", cfg.generate.steps, *cfg.generate.overrides],
+                                           w / role, "--steps", cfg.generate.steps, "preprocess.frame=false",
+                                           *cfg.generate.overrides],
                            log_dir / "generate.log", console)
             except RuntimeError as e:
                 # A 3D stage that ends without a surface (an empty field) is a result to report beside the other

@@ -5,9 +5,13 @@
     python pipelines/generate.py --image a.png --checkpoint CKPT --steps 200 export.threshold=8 nerf.hidden=64
     python pipelines/generate.py --views OUTPUT/objects/BB/UID # reconstruction from posed views, no model
 
-Input: PNG, JPEG or WebP. RGBA is composited on white with its alpha; RGB is taken as already on a plain
-(ideally white) background, nothing is segmented. Only the image's CLIP embedding conditions the model.
-Output per image (OUTPUT/<stem>-<key>/): config.yaml, cmd.txt, multiview.png (the 2D model's 4 views),
+Input: PNG, JPEG or WebP, preprocessed as the model was trained (optimize3d/preprocess.py): an RGBA image keeps
+its alpha; an RGB photo needs --remove-background --segmenter u2net.onnx (rembg, a local file), else it is taken
+as the object on white (a warning says so when its border is not white; --strict makes it an error); then the
+object is centred and scaled to the renders' framing (preprocess.frame=false keeps the image's own).
+Only the image's CLIP embedding conditions the model.
+Output per image (OUTPUT/<stem>-<key>/): config.yaml, cmd.txt, input.png (what the model saw), multiview.png
+(that input + the 2D model's 4 views),
 nerf/ (resumable), validation/, mesh.glb, turntable.gif, generate.log, losses.jsonl, export.json.
 A rerun with the same image, checkpoint and settings reuses the result; a killed run resumes.
 --images runs one Ray task per image (local Ray on 127.0.0.1, or the cluster given by --address).
@@ -33,6 +37,7 @@ from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from optimize3d.export import EmptyMeshError  # noqa: E402
 from optimize3d.inputs import FORMATS, InputImageError, load_input_image  # noqa: E402
 from optimize3d.optimize import GenerateConfig, generate, resolve_device  # noqa: E402
+from optimize3d.preprocess import input_warnings, load_segmenter, preprocess  # noqa: E402
 from optimize3d.reconstruct import ReconstructConfig, reconstruct  # noqa: E402
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -59,6 +64,11 @@ def parse_args(argv):
     p.add_argument("--gpus-per-task", type=float, default=None,
                    help="--images: GPUs per image task (default: 1 when the Ray cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="--images: CPUs per image task")
+    p.add_argument("--remove-background", action="store_true",
+                   help="cut the object out of an image without alpha with --segmenter (preprocess.remove_background)")
+    p.add_argument("--segmenter", type=Path, help="a local ONNX segmenter for rembg, e.g. u2net.onnx (preprocess.segmenter; "
+                   "isnet files also need preprocess.segmenter_session=dis_custom)")
+    p.add_argument("--strict", action="store_true", help="an RGB image with a non-white background is an error, not a warning")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value: GenerateConfig fields, or model.* (ModelConfig fields "
                    "over the checkpoint's, e.g. model.vae_path=DIR)")
@@ -98,19 +108,48 @@ def load_preset(cls, preset: str, args, overrides: list[str]):
     return cfg
 
 
+def preprocess_flags(args) -> list[str]:
+    """--remove-background, --segmenter and --strict as the preprocess.* settings they stand for."""
+    flags = ["preprocess.remove_background=true"] if args.remove_background else []
+    if args.segmenter is not None:
+        flags.append(f"preprocess.segmenter={args.segmenter.resolve()}")     # Ray tasks run elsewhere
+    return flags + (["preprocess.strict=true"] if args.strict else [])
+
+
 def resolve_config(args, model_cfg) -> GenerateConfig:
     """--config auto: the tiny preset (CPU scale) for a model of at most 64 px (the tiny and small models),
     sd21 otherwise."""
     preset = args.config
     if preset == "auto":
         preset = "tiny" if model_cfg.image_size <= 64 else "sd21"
-    return load_preset(GenerateConfig, preset, args, [o for o in args.overrides if not o.startswith("model.")])
+    overrides = [o for o in args.overrides if not o.startswith("model.")] + preprocess_flags(args)
+    return load_preset(GenerateConfig, preset, args, overrides)
+
+
+def check_inputs(args, cfg: GenerateConfig) -> None:
+    """Before any model loads: a bad image or segmenter is an error, what the model will not see as it expects a
+    warning. One --image is preprocessed in full; --images only checked (each task preprocesses its own)."""
+    warnings = []
+    if args.image is not None:
+        warnings = preprocess(load_input_image(args.image), cfg.preprocess, str(args.image))[1]
+    else:
+        if cfg.preprocess.remove_background:
+            load_segmenter(cfg.preprocess)
+        for path in list_images(args.images):
+            try:
+                warnings += input_warnings(load_input_image(path), cfg.preprocess, str(path))
+            except InputImageError:
+                pass                                   # its task reports it; the other images still run
+    for w in warnings:
+        print(f"generate.py: warning: {w}", file=sys.stderr)
 
 
 def resolve_reconstruct_config(args) -> ReconstructConfig:
     """--config auto: sd21 (the paper's field) on a GPU, tiny on a CPU."""
     if any(o.startswith("model.") for o in args.overrides):
         raise ValueError("model.* overrides: --views uses no model")
+    if preprocess_flags(args):
+        raise ValueError("--remove-background, --segmenter, --strict: --views takes posed views, not an image")
     preset = args.config
     if preset == "auto":
         preset = "sd21" if resolve_device(args.device).type == "cuda" else "tiny"
@@ -176,8 +215,8 @@ def main(argv=None) -> int:
         model_cfg = resolve_model(args)
         cfg = resolve_config(args, model_cfg)
         warn_if_full_size_on_cpu(args, model_cfg, cfg)
+        check_inputs(args, cfg)
         if args.image is not None:
-            load_input_image(args.image)          # a bad image fails before any model is loaded
             results = [generate(args.image, args.checkpoint, args.output, cfg, cmd=cmd,
                                 progress=not args.no_progress, device=args.device, model_overrides=model_overrides(args))]
         else:

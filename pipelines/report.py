@@ -99,7 +99,8 @@ def write_report(run_dir: Path, output: Path, metrics: dict | None = None, title
         metrics = json.loads((run_dir / "metrics.json").read_text())
     viewer = _viewers([mesh], base)
     images = []
-    for label, path in (("input + 4 sampled views (multiview.png)", run_dir / "multiview.png"),
+    for label, path in (("the input as the model saw it (input.png, preprocessed) + 4 sampled views (multiview.png)",
+                         run_dir / "multiview.png"),
                         ("turntable", turntable), ("3D optimisation, last validation", max(run_dir.glob("validation/*.png"), default=None))):
         images.append(_figure(path, base, label))
     page = f"""<!doctype html>
@@ -143,7 +144,7 @@ def write_demo_report(summary: dict, output: Path) -> Path:
             f"<h2>{html.escape(obj['object'])} ({label})</h2>\n"
             + (_figure(run / "comparison.png", base, "rows: ground truth, the model's 4 sampled views, the NeRF's renders "
                        "(azimuths 0, 90, 180, 270)", 288) if (run / "comparison.png").is_file() else
-               _figure(run / "multiview.png", base, "the input and the model's 4 sampled views", 96))
+               _figure(run / "multiview.png", base, "the input as the model saw it (preprocessed) and its 4 sampled views", 96))
             + _figure(next(run.glob("turntable.*"), None), base, "turntable", 192)
             + (f"\n<p class=\"missed\">The 3D stage gave no mesh: {html.escape(obj['error'])}</p>\n" if "error" in obj else
                f"\n<p><a href=\"{_rel(run / 'mesh.glb', base)}\">mesh.glb</a> &middot; run <code>{html.escape(str(run))}</code></p>\n"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from render.layout import object_dir
 from tests.conftest import ROOT, chromium_path
+from tests.photos import colour_segmenter, photo_like
 
 # The 3D stage at toy size: the test is about the app, not about quality.
 SETTINGS = ["--steps", "4", "val_every=2", "ckpt_every=2", "preview_steps=2", "export.resolution=32", "export.threshold=3",
@@ -30,10 +31,11 @@ def free_port() -> int:
 def app(tiny_checkpoint, tmp_path_factory):
     chromium = chromium_path()
     out = tmp_path_factory.mktemp("app")
+    segmenter = colour_segmenter(out / "segmenter.onnx")
     port = free_port()
     log = open(out / "app.log", "wb")
     proc = subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "app.py"), "--checkpoint", str(tiny_checkpoint),
-                             "--output", str(out / "results"), "--port", str(port), *SETTINGS],
+                             "--output", str(out / "results"), "--port", str(port), "--segmenter", str(segmenter), *SETTINGS],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180                   # a readiness wait, not a timing assertion
@@ -45,7 +47,7 @@ def app(tiny_checkpoint, tmp_path_factory):
         except OSError:
             assert time.time() < deadline, "the app did not answer within 180 s"
             time.sleep(0.5)
-    yield {"url": url, "out": out, "pid": proc.pid, "chromium": chromium}
+    yield {"url": url, "out": out, "pid": proc.pid, "chromium": chromium, "segmenter": segmenter}
     os.killpg(proc.pid, 9)
     proc.wait()
     log.close()
@@ -107,3 +109,22 @@ def test_listens_on_loopback_only(app):
     import psutil
     listening = [c.laddr for c in psutil.Process(app["pid"]).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+def test_a_photo_is_cut_out_and_shown_as_the_model_sees_it(app, browser, tmp_path):
+    from optimize3d.inputs import load_input_image
+    from optimize3d.preprocess import PreprocessConfig, preprocess
+    photo, _ = photo_like(320, 240, seed=3)
+    photo.save(tmp_path / "photo.jpg", quality=92)
+    page = browser.new_page()
+    page.goto(app["url"])
+    page.wait_for_selector("#generate")
+    assert page.is_checked("#remove-background input[type=checkbox]")   # ticked: the app was given a segmenter
+    assert generate(page, app, tmp_path / "photo.jpg").startswith("done:")
+    assert page.get_attribute("#model-input img", "src")
+    (run,) = (app["out"] / "results").glob("*/cmd.txt")
+    assert "--remove-background" in run.read_text()
+    expected, _ = preprocess(load_input_image(tmp_path / "photo.jpg"),
+                             PreprocessConfig(remove_background=True, segmenter=str(app["segmenter"])), "photo.jpg")
+    seen = np.asarray(Image.open(run.parent / "input.png"))
+    assert np.array_equal(seen, np.asarray(expected))                  # the CLI's step, the CLI's result

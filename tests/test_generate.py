@@ -146,10 +146,11 @@ def test_bad_images_are_one_line_errors(make, message, tmp_path, tiny_checkpoint
 
 
 def test_rgba_is_composited_on_white(tmp_path):
+    from render.preview import on_white
     a = np.zeros((32, 32, 4), np.uint8)
     a[8:24, 8:24] = [200, 0, 0, 255]
     a[0, 0] = [0, 0, 0, 128]
     Image.fromarray(a, "RGBA").save(tmp_path / "x.png")
-    rgb = np.asarray(load_input_image(tmp_path / "x.png"))
+    rgb = np.asarray(on_white(load_input_image(tmp_path / "x.png")))
     assert rgb[16, 16].tolist() == [200, 0, 0] and rgb[2, 2].tolist() == [255, 255, 255]
     assert rgb[0, 0].tolist() == [127, 127, 127]
