@@ -3,6 +3,12 @@
     picture = load_input_image(Path("photo.jpg"))                      # checked RGBA (optimize3d/inputs.py)
     rgba, warnings = preprocess(picture, PreprocessConfig(remove_background=True, segmenter="u2net.onnx"), "photo.jpg")
 
+    python -m optimize3d.preprocess photo.jpg --output input.png --remove-background --segmenter u2net.onnx
+    python -m optimize3d.preprocess photo.jpg --output input.png --figure before-after.png fill=0.7
+
+generate.py and the app run this same step (their input.png is its output); the command shows what the model
+will see before a long run. Settings: PreprocessConfig fields as key=value.
+
 The model was trained on objects rendered alone on white, centred, at the paper's camera. So:
 1. Segmentation. An image whose alpha channel separates object from background is kept as it is. Otherwise,
    with `remove_background`, rembg (onnxruntime) cuts the object out with a local segmenter file (`segmenter`:
@@ -173,3 +179,46 @@ def preprocess(picture: Image.Image, cfg: PreprocessConfig, name: str) -> tuple[
     if cfg.frame:
         rgba = frame(rgba, cfg.fill, cfg.size, box)
     return rgba, warnings
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    from common.config import ConfigError, load_config
+    from optimize3d.inputs import load_input_image
+    from render.preview import on_white
+    p = argparse.ArgumentParser(prog="python -m optimize3d.preprocess", description="the input as the model will see it")
+    p.add_argument("image", type=Path)
+    p.add_argument("--output", type=Path, required=True, help="the preprocessed RGBA (PNG)")
+    p.add_argument("--remove-background", action="store_true")
+    p.add_argument("--segmenter", type=Path, help="a local ONNX segmenter for rembg, e.g. u2net.onnx")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--figure", type=Path, help="also write the image beside what the model sees (on white)")
+    p.add_argument("overrides", nargs="*", help="PreprocessConfig fields, key=value")
+    args = p.parse_intermixed_args(argv)             # the image, then options and key=value in any order
+    flags = (["remove_background=true"] if args.remove_background else []) + (["strict=true"] if args.strict else []) + \
+        ([f"segmenter={args.segmenter}"] if args.segmenter else [])
+    try:
+        cfg = load_config(PreprocessConfig, None, [*args.overrides, *flags])
+        cfg.validate()
+        picture = load_input_image(args.image)
+        rgba, warnings = preprocess(picture, cfg, str(args.image))
+    except (ConfigError, ValueError) as e:            # InputImageError is a ValueError
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"preprocess: warning: {w}", file=sys.stderr)
+    rgba.save(args.output)
+    if args.figure:
+        side = rgba.size[1]
+        before = picture.convert("RGB")
+        before = before.resize((round(before.width * side / before.height), side), Image.Resampling.LANCZOS)
+        sheet = Image.new("RGB", (before.width + side + side // 16, side), "white")
+        sheet.paste(before, (0, 0))
+        sheet.paste(on_white(rgba), (before.width + side // 16, 0))
+        sheet.save(args.figure)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -47,7 +47,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", type=Path, help="one image (PNG/JPEG/WebP; RGB = plain background assumed)")
+    src.add_argument("--image", type=Path, help="one image (PNG/JPEG/WebP; a photo needs --remove-background)")
     src.add_argument("--images", type=Path, help="a folder of images: one Ray task each")
     src.add_argument("--views", type=Path, help="reconstruct from posed views instead (no model): a rendered object "
                      "folder or any folder with cameras.json + <view set>/NNN.png in render/'s layout")

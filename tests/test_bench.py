@@ -67,3 +67,14 @@ def test_render_bench_quick_measures_the_curve_and_objects_per_hour_with_and_wit
     parts = result["breakdown"]
     assert parts["object"] == "Box.glb" and parts["view_at_1_sample_s"] > 0
     assert {"png_write_s", "path_tracing_per_sample_s", "denoiser_fast_s"} <= set(parts)
+
+
+def test_fill_bench_measures_what_preprocess_fill_sets(rendered_demo, tmp_path):
+    r = subprocess.run([sys.executable, "bench/fill.py", str(rendered_demo)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["objects"] == 4 and result["view_count"] == 4 * 16
+    assert 0.5 < result["p10"] <= result["median"] <= result["p90"] <= 1.0
+    empty = subprocess.run([sys.executable, "bench/fill.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert empty.returncode == 2 and "no rendered objects" in empty.stderr

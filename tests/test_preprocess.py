@@ -153,3 +153,36 @@ def test_the_app_shows_the_preprocessed_input_before_generation_starts(photo, se
     status, seen, *_ = next(requests)
     requests.close()
     assert status.startswith("preprocessed (warning: image photo.jpg: RGB with a background that is not white")
+
+
+def test_the_command_writes_what_the_model_will_see_and_a_figure(photo, segmenter, tmp_path, capsys):
+    from optimize3d.preprocess import main
+    path, _ = photo
+    code = main([str(path), "--output", str(tmp_path / "in.png"), "--remove-background", "--segmenter", str(segmenter),
+                 "--figure", str(tmp_path / "fig.png"), "size=128"])
+    assert code == 0 and capsys.readouterr().err == ""
+    seen = Image.open(tmp_path / "in.png")
+    assert seen.size == (128, 128) and abs(alpha_fill(seen) - 0.8) <= 2 / 128
+    assert Image.open(tmp_path / "fig.png").size[1] == 128
+    assert main([str(path), "--output", str(tmp_path / "x.png"), "fill=3"]) == 2
+    err = capsys.readouterr().err
+    assert "fill 3.0: expected a fraction" in err and err.count("\n") == 1
+
+
+def test_a_folder_of_images_is_checked_before_ray_starts(photo, tmp_path, capsys):
+    import argparse
+    import shutil
+    from pipelines.generate import check_inputs
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(photo[0], folder / "photo.jpg")
+    shutil.copy(RENDER, folder / "render.png")
+    (folder / "broken.png").write_text("not an image")              # its own task reports it
+    args = argparse.Namespace(image=None, images=folder)
+    check_inputs(args, GenerateConfig.tiny())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("generate.py: warning: image") and "photo.jpg" in err[0]
+    cfg = GenerateConfig.tiny()
+    cfg.preprocess.strict = True                    # refused by its own task, as a broken file is: the others run
+    check_inputs(args, cfg)
+    assert capsys.readouterr().err == ""
