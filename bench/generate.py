@@ -130,18 +130,19 @@ def peak_rss_kb() -> int:
 
 
 def memory_probe(size: int, recompute: bool) -> dict:
-    """In a fresh process (see main): one full-size render + backward at 4 x size x size rays."""
+    """In a fresh process (see main): one full-size render + backward, the views of the phase at this size."""
     cfg = GenerateConfig.sd21()
     cfg.march.marcher, cfg.march.recompute = "torch", recompute
     nerf, grid, _ = build_field(cfg, torch.device("cpu"))
     update_grid(grid, nerf, 0, cfg.nerf.radius, cfg.march)
-    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0))
+    step = next((m for r, m in zip(cfg.resolutions[1:], cfg.resolution_milestones) if size >= r), 0)
+    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0), step)    # the views of the phase at this size
     before = reset_peak_rss_kb()
     out = render_views(nerf, grid, c2w, fov, size, cfg.march, normals=True, stratified=True,
                        generator=torch.Generator().manual_seed(0))
     (out["rgb"].mean() + out["orientation"]).backward()
     peak = peak_rss_kb()
-    return {"rays": 4 * size * size, "samples": out["samples"], "recompute": recompute,
+    return {"rays": c2w.shape[0] * size * size, "samples": out["samples"], "recompute": recompute,
             "peak_rss_increase_mb": round((peak - before) / 1024, 1),
             "bytes_per_sample": round((peak - before) * 1024 / max(1, out["samples"]))}
 
@@ -152,7 +153,7 @@ def paper_size_samples() -> int:
     cfg.march.marcher = "torch"
     nerf, grid, _ = build_field(cfg, torch.device("cpu"))
     update_grid(grid, nerf, 0, cfg.nerf.radius, cfg.march)
-    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0))
+    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0), cfg.resolution_milestones[-1])   # the 256 px phase: 4 views
     return render_views(nerf, grid, c2w, fov, 256, cfg.march, ray_chunk=1 << 13)["samples"]
 
 

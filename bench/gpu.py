@@ -205,7 +205,8 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
     for size in sizes:
         for phase in ("albedo", "shaded"):
             cfg = GenerateConfig.tiny() if reduced else GenerateConfig.sd21()
-            cfg.resolutions, cfg.resolution_milestones = [size], []
+            groups = dict(zip(cfg.resolutions, cfg.view_groups)).get(size, 1)    # sd21: 8 views at 64 px, 4 at 256
+            cfg.resolutions, cfg.resolution_milestones, cfg.view_groups = [size], [], [groups]
             cfg.march.marcher = marcher
             first = 0 if phase == "albedo" else cfg.shading_start    # the shading draw follows the step
             guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance, autocast=bf16)
@@ -226,7 +227,7 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
                 mem.sync()
                 s = (time.perf_counter() - t) / steps
                 peak = mem.peak_mb()
-                out[key] = {"rays_per_step": cfg.views * size * size, "samples_per_ray": cfg.march.samples_per_ray,
+                out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "samples_per_ray": cfg.march.samples_per_ray,
                             "marcher": marcher, "hash_grid": nerf.encoding.__class__.__name__,
                             "steps_per_s": round(1 / s, 3), "seconds_per_step": round(s, 4),
                             "field_samples_per_step": samples // steps, "modes": modes,
@@ -236,7 +237,7 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
             except RuntimeError as e:
                 if not is_oom(e):
                     raise
-                out[key] = {"rays_per_step": cfg.views * size * size, "out_of_memory": str(e).splitlines()[0][:300]}
+                out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "out_of_memory": str(e).splitlines()[0][:300]}
             finally:
                 nerf = grid = opt = None
                 mem.reset()

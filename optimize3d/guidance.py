@@ -1,13 +1,15 @@
 """Score distillation with the multi-view diffusion model, and the schedules of the 3D stage.
 
     guide = MultiViewGuidance(model, clip_embedding, GuidanceConfig())
-    loss = guide(images, c2w_gl, step, generator)        # images [V, 3, H, W] in [0, 1], one object
+    loss = guide(images, c2w_gl, step, generator, views=4)   # images [G * V, 3, H, W] in [0, 1]: G groups of V views
 
 One timestep for all views of a step, drawn from a range annealed linearly from t_start at step 0 to
 t_end at `t_anneal_steps` (both ends move). Two forms of the update:
-  - "x0" (the released code): x0 reconstructed with classifier-free guidance, its std (over the whole
-    view group) rescaled to that of the un-guided (conditional) x0 and mixed `std_rescale` : 1 - std_rescale;
-    loss = 0.5 * ||z - sg(x0)||^2 summed / number of views.
+  - "x0" (the released code): x0 reconstructed with classifier-free guidance, its std (per group of views)
+    rescaled to that of the un-guided (conditional) x0 and mixed `std_rescale` : 1 - std_rescale;
+    loss = 0.5 * ||z - sg(x0)||^2 summed / number of views (of all groups).
+Each group of V views is one multi-view sample for the UNet (its views attend to each other); all groups of a
+step share the timestep.
   - "sds": plain SDS, gradient w(t) (eps_cfg - eps) with w(t) = 1 - alpha_bar_t, as the loss
     0.5 * ||z - sg(z - grad)||^2 summed / number of views.
 """
@@ -47,8 +49,9 @@ def linear_ramp(step: int, start: float, end: float, ramp_steps: int) -> float:
 
 def distillation_loss(z: torch.Tensor, noise: torch.Tensor, t: int, alphas_cumprod: torch.Tensor,
                       predict: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                      cfg: GuidanceConfig) -> torch.Tensor:
-    """z [V, C, h, w] (with grad): one view group. predict(x_t) -> (eps_cond, eps_uncond), no grad."""
+                      cfg: GuidanceConfig, views: int | None = None) -> torch.Tensor:
+    """z [G * V, C, h, w] (with grad): G groups of `views` views (default: one group). predict(x_t) ->
+    (eps_cond, eps_uncond), no grad."""
     if cfg.form not in ("x0", "sds"):
         raise ValueError(f"guidance form {cfg.form!r}: expected x0 or sds")
     ab = alphas_cumprod[t].to(z)
@@ -62,8 +65,9 @@ def distillation_loss(z: torch.Tensor, noise: torch.Tensor, t: int, alphas_cumpr
             x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
             if cfg.std_rescale > 0:
                 x0_cond = (x_t - (1 - ab).sqrt() * eps_cond) / ab.sqrt()
-                factor = (x0_cond.std() + 1e-8) / (x0.std() + 1e-8)
-                x0 = cfg.std_rescale * x0 * factor + (1 - cfg.std_rescale) * x0
+                groups = lambda x: x.reshape(-1, views or z.shape[0], *x.shape[1:])  # noqa: E731
+                factor = (groups(x0_cond).std((1, 2, 3, 4), keepdim=True) + 1e-8) / (groups(x0).std((1, 2, 3, 4), keepdim=True) + 1e-8)
+                x0 = cfg.std_rescale * (groups(x0) * factor).reshape(x0.shape) + (1 - cfg.std_rescale) * x0
             target = x0
     return 0.5 * F.mse_loss(z, target, reduction="sum") / z.shape[0]
 
@@ -86,9 +90,13 @@ class MultiViewGuidance:
         x = F.interpolate(images01, (size, size), mode="bilinear", align_corners=False, antialias=not released) * 2 - 1
         return self.model.encode(x, grad=True, sample=generator if released else None)
 
-    def __call__(self, images01: torch.Tensor, c2w_gl: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images01: torch.Tensor, c2w_gl: torch.Tensor, step: int, generator: torch.Generator,
+                 views: int | None = None) -> torch.Tensor:
+        """images01 [G * views, 3, H, W]: G groups of `views` views (default: all one group)."""
         z = self.latents(images01, generator)
-        v = z.shape[0]
+        v, per_group = z.shape[0], views or z.shape[0]
+        if v % per_group:
+            raise ValueError(f"{v} views are not groups of {per_group}")
         lo, hi = t_range(self.cfg, step)
         n = self.model.schedule.config.num_train_timesteps
         t = int(torch.randint(int(lo * n), int(hi * n) + 1, (1,), generator=generator))
@@ -100,7 +108,7 @@ class MultiViewGuidance:
         def predict(x_t):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 eps = self.model.predict_noise(torch.cat([x_t, x_t]), torch.full((2 * v,), t, device=self.device),
-                                         cams, context, v)
+                                               cams, context, per_group)
             return eps.float().chunk(2)
 
-        return distillation_loss(z, noise, t, self.alphas_cumprod, predict, self.cfg)
+        return distillation_loss(z, noise, t, self.alphas_cumprod, predict, self.cfg, per_group)

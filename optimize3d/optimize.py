@@ -60,8 +60,15 @@ class GenerateConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     steps: int = 10_000
     views: int = 4
-    """Views per step: one elevation, FOV and distance; azimuths 360/views apart from a random offset."""
+    """Views of one camera group: one elevation, FOV and distance; azimuths 360/views apart from a random offset."""
+    view_groups: list[int] = field(default_factory=lambda: [2, 1])
+    """Independent camera groups per step, per resolution phase (as `resolutions`): the released batch_size
+    [8, 4] with n_view 4, i.e. 8 views per step until the first milestone, then 4."""
     elevation_range: list[float] = field(default_factory=lambda: [0.0, 30.0])
+    elevation_sampling: str = "coin"
+    """uniform (in degrees) | sphere (threestudio's inverse transform asin(2u - 1), u uniform over
+    [(lo + 90) / 180, (hi + 90) / 180]: over [0, 30] it reaches only 19.47 deg) | coin (the released code: per
+    step one coin, random() < 0.5 -> uniform, else sphere)."""
     fov_range: list[float] = field(default_factory=lambda: [15.0, 60.0])
     relative_distance_range: list[float] = field(default_factory=lambda: [0.8, 1.0])
     """Camera distance = this x 1 / tan(fov / 2): the object keeps its size in the image."""
@@ -110,7 +117,8 @@ class GenerateConfig:
             # oversaturated at 4 (6-13 dB) and 10 (3-8 dB); the paper's 10 stays the sd21 preset's.
             guidance=GuidanceConfig(t_anneal_steps=int(steps * 0.8), guidance_scale=2.0),
             export=ExportConfig(resolution=96, threshold=5.0, turntable_frames=24, turntable_size=96),
-            steps=steps, fov_range=[FOV_DEG, FOV_DEG], relative_distance_range=[TRAINING_RELATIVE_DISTANCE] * 2,
+            steps=steps, view_groups=[1], elevation_sampling="uniform",
+            fov_range=[FOV_DEG, FOV_DEG], relative_distance_range=[TRAINING_RELATIVE_DISTANCE] * 2,
             resolutions=[32], resolution_milestones=[], shading_start=steps // 2,
             orientation_ramp_steps=steps // 2, lr_grid=0.01, lr_mlp=0.001,
             val_every=100, ckpt_every=100, log_every=10, preview_steps=20, deterministic=True)
@@ -124,20 +132,48 @@ class GenerateConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
         if self.steps < 1 or self.views < 1:
             raise ValueError(f"steps {self.steps} and views {self.views} must be at least 1")
+        if len(self.view_groups) != len(self.resolutions) or min(self.view_groups) < 1:
+            raise ValueError(f"view_groups {self.view_groups}: one count of at least 1 per entry of resolutions "
+                             f"{self.resolutions}")
+        if self.elevation_sampling not in ELEVATION_SAMPLING:
+            raise ValueError(f"elevation_sampling {self.elevation_sampling!r}: expected one of {', '.join(ELEVATION_SAMPLING)}")
+
+    def phase(self, step: int) -> int:
+        return sum(step >= m for m in self.resolution_milestones)
 
     def resolution_at(self, step: int) -> int:
-        return self.resolutions[sum(step >= m for m in self.resolution_milestones)]
+        return self.resolutions[self.phase(step)]
+
+    def views_at(self, step: int) -> int:
+        return self.views * self.view_groups[self.phase(step)]
 
 
-def sample_cameras(cfg: GenerateConfig, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, list[float], float]:
-    """One step's cameras: c2w (Blender/OpenGL) [V, 4, 4], FOV [V] (degrees), azimuths, elevation."""
-    elevation = rng.uniform(*cfg.elevation_range)
-    fov = rng.uniform(*cfg.fov_range)
-    distance = rng.uniform(*cfg.relative_distance_range) / math.tan(math.radians(fov) / 2)
-    offset = rng.uniform(0, 360)
-    azimuths = [(offset + k * 360.0 / cfg.views) % 360.0 for k in range(cfg.views)]
-    c2w = torch.tensor(np.stack([c2w_blender(az, elevation, distance) for az in azimuths]), dtype=torch.float32)
-    return c2w, torch.full((cfg.views,), fov), azimuths, elevation
+ELEVATION_SAMPLING = ("uniform", "sphere", "coin")
+
+
+def draw_elevations(cfg: GenerateConfig, groups: int, rng: random.Random) -> list[float]:
+    """One step's elevations in degrees, one per camera group, as `elevation_sampling` says (one coin per step)."""
+    lo, hi = cfg.elevation_range
+    if cfg.elevation_sampling == "sphere" or (cfg.elevation_sampling == "coin" and not rng.random() < 0.5):
+        return [math.degrees(math.asin(2 * rng.uniform((lo + 90) / 180, (hi + 90) / 180) - 1)) for _ in range(groups)]
+    return [rng.uniform(lo, hi) for _ in range(groups)]
+
+
+def sample_cameras(cfg: GenerateConfig, rng: random.Random, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+    """One step's cameras: view_groups[phase] groups, each with its own elevation, FOV, distance and azimuth
+    offset (the released random_multiview.py), its `views` views 360/views apart. -> c2w (Blender/OpenGL)
+    [G * V, 4, 4], FOV [G * V] (degrees), azimuths [G * V], elevations [G]."""
+    elevations = draw_elevations(cfg, cfg.view_groups[cfg.phase(step)], rng)
+    c2w, fovs, azimuths = [], [], []
+    for elevation in elevations:
+        fov = rng.uniform(*cfg.fov_range)
+        distance = rng.uniform(*cfg.relative_distance_range) / math.tan(math.radians(fov) / 2)
+        offset = rng.uniform(0, 360)
+        group = [(offset + k * 360.0 / cfg.views) % 360.0 for k in range(cfg.views)]
+        c2w += [c2w_blender(az, elevation, distance) for az in group]
+        fovs += [fov] * cfg.views
+        azimuths += group
+    return torch.tensor(np.stack(c2w), dtype=torch.float32), torch.tensor(fovs), azimuths, elevations
 
 
 def to_image(x: torch.Tensor) -> Image.Image:
@@ -193,15 +229,15 @@ def sds_step(cfg: GenerateConfig, nerf: Field, grid, opt, guide: MultiViewGuidan
     g = torch.Generator().manual_seed(stable_seed(cfg.seed, step))
     rng = random.Random(stable_seed(cfg.seed, step, "py"))
     update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march, cfg.seed)
-    c2w, fov, _, _ = sample_cameras(cfg, rng)
+    c2w, fov, _, _ = sample_cameras(cfg, rng, step)
     c2w, fov = c2w.to(device), fov.to(device)
     mode = draw_shading(step, cfg.shading_start, cfg.p_textureless, cfg.p_lambertian, rng)
     ambient = rng.random()
-    lights = light_positions(c2w[:, :3, 3], tuple(cfg.light_distance_range), g)
+    lights = light_positions(c2w[:, :3, 3], tuple(cfg.light_distance_range), g, cfg.views)
     w_orient = linear_ramp(step, cfg.orientation_weight[0], cfg.orientation_weight[1], cfg.orientation_ramp_steps)
     out = render_views(nerf, grid, c2w, fov, cfg.resolution_at(step), cfg.march, mode=mode, lights=lights,
                        ambient=ambient, normals=w_orient > 0, stratified=True, generator=g)
-    loss_sds = guide(out["rgb"], c2w, step, g)
+    loss_sds = guide(out["rgb"], c2w, step, g, cfg.views)
     loss = loss_sds + (w_orient * out["orientation"] if w_orient > 0 else 0.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -26,13 +26,14 @@ def draw_shading(step: int, shading_start: int, p_textureless: float, p_lamberti
 
 
 def light_positions(camera_positions: torch.Tensor, distance_range: tuple[float, float],
-                    generator: torch.Generator) -> torch.Tensor:
-    """One point light per view [V, 3]."""
-    v = camera_positions.shape[0]
-    direction = F.normalize(camera_positions + torch.randn(v, 3, generator=generator).to(camera_positions), dim=-1)
+                    generator: torch.Generator, group_size: int) -> torch.Tensor:
+    """One point light per view [V, 3]: per camera group of `group_size` views one offset N(0, 1) and one
+    distance, the direction of each view's light = its camera position + that offset (the released code)."""
+    groups = camera_positions.shape[0] // group_size
+    offset = torch.randn(groups, 3, generator=generator).repeat_interleave(group_size, 0).to(camera_positions)
     lo, hi = distance_range
-    distance = lo + (hi - lo) * torch.rand(v, 1, generator=generator).to(camera_positions)
-    return direction * distance
+    distance = lo + (hi - lo) * torch.rand(groups, 1, generator=generator).repeat_interleave(group_size, 0)
+    return F.normalize(camera_positions + offset, dim=-1) * distance.to(camera_positions)
 
 
 def shade(albedo: torch.Tensor, normals: torch.Tensor | None, points: torch.Tensor, light: torch.Tensor | None,
