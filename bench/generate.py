@@ -4,7 +4,8 @@
     python bench/generate.py --device cuda   # on a GPU (the nerfacc marcher is then available too)
 
 1. Score-distillation steps/s at the tiny settings (4 views at 32 px, 64 samples per ray), per phase
-   (albedo only; shaded with finite-difference normals), with the time split into field and guidance.
+   (albedo only; shaded with finite-difference normals; shaded with analytic normals, the sd21 preset's),
+   with the time split into field and guidance.
 2. Marching: dense sampling against occupancy-grid skipping at several samples per ray, each image
    compared with a dense reference at 1024 samples per ray (PSNR): speed at equal image error.
 3. Memory of the paper's field (GenerateConfig.sd21: 16-level hash grid, 512 samples per ray, normals
@@ -44,9 +45,11 @@ def sds_speed(device, steps: int) -> dict:
     cfg = GenerateConfig.tiny()
     model = MultiViewModel(ModelConfig.tiny()).to(device).eval().requires_grad_(False)
     guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance)
-    nerf, grid, opt = build_field(cfg, device)
     out = {}
-    for phase, mode in (("albedo", "albedo"), ("shaded", "lambertian")):
+    for phase, mode, normals in (("albedo", "albedo", "finite_difference"), ("shaded", "lambertian", "finite_difference"),
+                                 ("shaded_analytic_normals", "lambertian", "analytic")):
+        cfg.nerf.normal_type = normals            # analytic: the sd21 preset's (the released), trained through 2nd derivatives
+        nerf, grid, opt = build_field(cfg, device)
         times = {"field": 0.0, "guidance": 0.0, "backward": 0.0}
         samples = 0
         for step in range(steps + 2):

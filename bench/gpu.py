@@ -35,7 +35,7 @@ from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
 from model.unet import UNetConfig  # noqa: E402
 from optimize3d.guidance import MultiViewGuidance  # noqa: E402
-from optimize3d.optimize import GenerateConfig, build_field, resolve_device, sds_step  # noqa: E402
+from optimize3d.optimize import GenerateConfig, Precision, build_field, resolve_device, sds_step  # noqa: E402
 from render.cameras import DISTANCE, c2w_blender  # noqa: E402
 
 VIEWS = 4
@@ -199,7 +199,7 @@ def bench_sampling(model: MultiViewModel, device, steps: int) -> dict:
     return out
 
 
-def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps: int, reduced: bool, marcher: str) -> dict:
+def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduced: bool, marcher: str) -> dict:
     mem = Memory(device)
     out = {}
     for size in sizes:
@@ -209,19 +209,21 @@ def bench_3d(model: MultiViewModel, device, bf16: bool, sizes: list[int], steps:
             cfg.resolutions, cfg.resolution_milestones, cfg.view_groups = [size], [], [groups]
             cfg.march.marcher = marcher
             first = 0 if phase == "albedo" else cfg.shading_start    # the shading draw follows the step
-            guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance, autocast=bf16)
+            precision = Precision.of(cfg.mixed_precision, device)          # sd21: the released 16-mixed
+            guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance,
+                                      autocast=precision.guidance)
             key = f"{size}px_{phase}"
             try:
                 nerf, grid, opt = build_field(cfg, device)
                 for group in opt.param_groups:   # the field stays the initial blob: random weights would move it
                     group["lr"] = 0.0            # anywhere (to nothing, at 0 samples), and sample counts would not compare
-                sds_step(cfg, nerf, grid, opt, guide, 0)     # warm-up; step 0 fills every cell of the grid
+                sds_step(cfg, nerf, grid, opt, guide, 0, precision)   # warm-up; step 0 fills every cell of the grid
                 mem.reset()
                 base = mem.now_mb()
                 samples, t = 0, time.perf_counter()
                 modes = []
                 for step in range(first + 1, first + 1 + steps):
-                    parts = sds_step(cfg, nerf, grid, opt, guide, step)
+                    parts = sds_step(cfg, nerf, grid, opt, guide, step, precision)
                     samples += parts["samples"]
                     modes.append(parts["mode"])
                 mem.sync()
@@ -283,7 +285,7 @@ def main() -> None:
     result["sampling"] = bench_sampling(model, device, 5 if args.reduced else 50)
     print(json.dumps({"sampling": result["sampling"]}), flush=True)
     sizes = [16, 32] if args.reduced else [64, 256]
-    result["generate_3d"] = bench_3d(model, device, bf16, sizes, 2 if args.reduced else 3, args.reduced, args.marcher)
+    result["generate_3d"] = bench_3d(model, device, sizes, 2 if args.reduced else 3, args.reduced, args.marcher)
     result["seconds_total"] = round(time.time() - t0, 1)
     if time.time() - t0 > TIME_BUDGET_S:
         result["warning"] = f"took {time.time() - t0:.0f} s, over the {TIME_BUDGET_S} s budget"

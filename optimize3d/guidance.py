@@ -15,6 +15,7 @@ step share the timestep.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -75,7 +76,9 @@ def distillation_loss(z: torch.Tensor, noise: torch.Tensor, t: int, alphas_cumpr
 class MultiViewGuidance:
     """The fine-tuned model as score model for one object (one CLIP embedding)."""
 
-    def __init__(self, model, clip_embedding: torch.Tensor, cfg: GuidanceConfig, autocast: bool = False):
+    def __init__(self, model, clip_embedding: torch.Tensor, cfg: GuidanceConfig, autocast: torch.dtype | None = None):
+        """autocast: the diffusion model's own autocast dtype (None: none of its own; an autocast around the
+        whole step, as 16-mixed has, still applies)."""
         self.model, self.cfg, self.autocast = model, cfg, autocast
         self.device = next(model.unet.parameters()).device
         self.embedding = model.condition(clip_embedding.to(self.device)).reshape(1, 1, -1)
@@ -106,7 +109,7 @@ class MultiViewGuidance:
         context = torch.cat([self.embedding.expand(v, 1, -1), torch.zeros_like(self.embedding).expand(v, 1, -1)])
 
         def predict(x_t):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext():
                 eps = self.model.predict_noise(torch.cat([x_t, x_t]), torch.full((2 * v,), t, device=self.device),
                                                cams, context, per_group)
             return eps.float().chunk(2)

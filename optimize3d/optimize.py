@@ -88,9 +88,12 @@ class GenerateConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-15
     weight_decay: float = 0.01
-    mixed_precision: str = "auto"
-    """no | bf16 | auto (bf16 for the diffusion model on a GPU)."""
-    seed: int = 0
+    mixed_precision: str = "16-mixed"
+    """16-mixed (the released: the whole step, field and renderer included, under fp16 autocast with a gradient
+    scaler) | bf16 (the diffusion model alone under bf16 autocast) | auto (bf16 for the diffusion model on a GPU,
+    else nothing) | no."""
+    seed: int = 22
+    """The released config's seed (the tiny preset: 0)."""
     deterministic: bool = False
     """torch's deterministic algorithms during the optimisation: a run killed and resumed then ends with
     exactly the weights of an uninterrupted one (on a CPU at no measurable cost; on a GPU the hash grid's
@@ -121,15 +124,16 @@ class GenerateConfig:
             fov_range=[FOV_DEG, FOV_DEG], relative_distance_range=[TRAINING_RELATIVE_DISTANCE] * 2,
             resolutions=[32], resolution_milestones=[], shading_start=steps // 2,
             orientation_ramp_steps=steps // 2, lr_grid=0.01, lr_mlp=0.001,
-            val_every=100, ckpt_every=100, log_every=10, preview_steps=20, deterministic=True)
+            val_every=100, ckpt_every=100, log_every=10, preview_steps=20, deterministic=True, seed=0,
+            mixed_precision="auto")
 
     def validate(self) -> None:
         self.preprocess.validate()
         if len(self.resolutions) != len(self.resolution_milestones) + 1:
             raise ValueError(f"resolutions {self.resolutions} need one more entry than resolution_milestones "
                              f"{self.resolution_milestones}")
-        if self.mixed_precision not in ("no", "bf16", "auto"):
-            raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected no, bf16 or auto")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
         if self.steps < 1 or self.views < 1:
             raise ValueError(f"steps {self.steps} and views {self.views} must be at least 1")
         if len(self.view_groups) != len(self.resolutions) or min(self.view_groups) < 1:
@@ -149,6 +153,23 @@ class GenerateConfig:
 
 
 ELEVATION_SAMPLING = ("uniform", "sphere", "coin")
+MIXED_PRECISION = ("16-mixed", "bf16", "auto", "no")
+
+
+@dataclass
+class Precision:
+    """How a step runs: `step` autocasts the whole step (render, guidance, losses) and `scaler` scales its loss
+    (the released 16-mixed); `guidance` autocasts only the diffusion model."""
+    step: Optional[torch.dtype]
+    guidance: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+
+    @staticmethod
+    def of(setting: str, device: torch.device) -> "Precision":
+        if setting == "16-mixed":
+            return Precision(torch.float16, None, torch.amp.GradScaler(device.type))
+        bf16 = setting == "bf16" or (setting == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return Precision(None, torch.bfloat16 if bf16 else None, torch.amp.GradScaler(device.type, enabled=False))
 
 
 def draw_elevations(cfg: GenerateConfig, groups: int, rng: random.Random) -> list[float]:
@@ -182,7 +203,7 @@ def to_image(x: torch.Tensor) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------- checkpoints of the field
-def save_nerf(root: Path, step: int, nerf: Field, grid, opt) -> None:
+def save_nerf(root: Path, step: int, nerf: Field, grid, opt, scaler: Optional[torch.amp.GradScaler] = None) -> None:
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -191,7 +212,7 @@ def save_nerf(root: Path, step: int, nerf: Field, grid, opt) -> None:
     state.update({f"grid.{k}": v for k, v in grid.state_dict().items()})
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "field.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "grad_scaler": scaler.state_dict() if scaler else {}}))
     replace_dir(tmp, final)
     for old in root.glob("step-*"):          # the latest checkpoint is all a resume needs
         if old != final:
@@ -203,13 +224,16 @@ def latest_nerf(root: Path) -> Optional[Path]:
     return latest(root)
 
 
-def load_nerf(path: Path, nerf: Field, grid, opt=None) -> int:
+def load_nerf(path: Path, nerf: Field, grid, opt=None, scaler: Optional[torch.amp.GradScaler] = None) -> int:
     state = load_file(str(path / "field.safetensors"))
     nerf.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("field.")})
     grid.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("grid.")})
     if opt is not None:
         opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())["step"]
+    state = json.loads((path / "state.json").read_text())
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    return state["step"]
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -223,9 +247,12 @@ def build_field(cfg: GenerateConfig, device: torch.device):
     return nerf, grid, opt
 
 
-def sds_step(cfg: GenerateConfig, nerf: Field, grid, opt, guide: MultiViewGuidance, step: int) -> dict:
-    """One optimisation step of the field (every draw a function of (seed, step)) -> its losses."""
+def sds_step(cfg: GenerateConfig, nerf: Field, grid, opt, guide: MultiViewGuidance, step: int,
+             precision: Optional[Precision] = None) -> dict:
+    """One optimisation step of the field (every draw a function of (seed, step)) -> its losses. precision:
+    Precision.of(cfg.mixed_precision, device), the same object every step (its scaler keeps state)."""
     device = next(nerf.parameters()).device
+    precision = precision or Precision.of("no", device)
     g = torch.Generator().manual_seed(stable_seed(cfg.seed, step))
     rng = random.Random(stable_seed(cfg.seed, step, "py"))
     update_grid(grid, nerf, step, cfg.nerf.radius, cfg.march, cfg.seed)
@@ -235,13 +262,15 @@ def sds_step(cfg: GenerateConfig, nerf: Field, grid, opt, guide: MultiViewGuidan
     ambient = rng.random()
     lights = light_positions(c2w[:, :3, 3], tuple(cfg.light_distance_range), g, cfg.views)
     w_orient = linear_ramp(step, cfg.orientation_weight[0], cfg.orientation_weight[1], cfg.orientation_ramp_steps)
-    out = render_views(nerf, grid, c2w, fov, cfg.resolution_at(step), cfg.march, mode=mode, lights=lights,
-                       ambient=ambient, normals=w_orient > 0, stratified=True, generator=g)
-    loss_sds = guide(out["rgb"], c2w, step, g, cfg.views)
-    loss = loss_sds + (w_orient * out["orientation"] if w_orient > 0 else 0.0)
+    with torch.autocast(device.type, dtype=precision.step or torch.float32, enabled=precision.step is not None):
+        out = render_views(nerf, grid, c2w, fov, cfg.resolution_at(step), cfg.march, mode=mode, lights=lights,
+                           ambient=ambient, normals=w_orient > 0, stratified=True, generator=g)
+        loss_sds = guide(out["rgb"], c2w, step, g, cfg.views)
+        loss = loss_sds + (w_orient * out["orientation"] if w_orient > 0 else 0.0)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    precision.scaler.scale(loss).backward()
+    precision.scaler.step(opt)
+    precision.scaler.update()
     return {"step": step + 1, "loss": float(loss.detach()), "sds": float(loss_sds.detach()),
             "orient": float(out.get("orientation", torch.zeros(())).detach()), "mode": mode, "samples": out["samples"]}
 
@@ -309,25 +338,24 @@ def optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, pr
 def _optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, progress: bool) -> tuple:
     device = next(model.unet.parameters()).device
     nerf, grid, opt = build_field(cfg, device)
+    precision = Precision.of(cfg.mixed_precision, device)
     start = 0
     if (ck := latest_nerf(work / "nerf")) is not None:
-        start = load_nerf(ck, nerf, grid, opt)
+        start = load_nerf(ck, nerf, grid, opt, precision.scaler)
         log.info("resumed from %s (step %d)", ck, start)
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
-                                             and torch.cuda.is_bf16_supported())
-    guide = MultiViewGuidance(model, embedding, cfg.guidance, autocast=bf16)
+    guide = MultiViewGuidance(model, embedding, cfg.guidance, autocast=precision.guidance)
     from tqdm import tqdm
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="3D", disable=not progress,
                dynamic_ncols=True)
     for step in bar:
-        parts = sds_step(cfg, nerf, grid, opt, guide, step)
+        parts = sds_step(cfg, nerf, grid, opt, guide, step, precision)
         done = step + 1
         bar.set_postfix(sds=f"{parts['sds']:.3g}", orient=f"{parts['orient']:.3g}", mode=parts["mode"])
         record_step(work, log, parts, cfg.log_every, cfg.steps)
         if done % cfg.val_every == 0 or done == cfg.steps:
             save_validation(nerf, grid, cfg, work / "validation" / f"step-{done:06d}.png")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save_nerf(work / "nerf", done, nerf, grid, opt)
+            save_nerf(work / "nerf", done, nerf, grid, opt, precision.scaler)
     return nerf, grid
 
 

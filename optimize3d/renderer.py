@@ -23,17 +23,17 @@ def render_rays(field, grid, rays_o: torch.Tensor, rays_d: torch.Tensor, cfg: Ma
                 ray_chunk: Optional[int] = None) -> dict:
     """Rays [R, 3] -> {"rgb" [R, 3] on white, "opacity" [R, 1], "samples", and with normals "normal" [R, 3],
     "orientation"}. lights: the point light of each ray [R, 3] (lambertian / textureless modes).
-    normals=True: finite-difference normals (3 more density lookups per sample) and the orientation
-    loss. ray_chunk: rays marched at once (use it without grad to bound memory)."""
+    normals=True: the field's normals (field.cfg.normal_type) and the orientation loss. ray_chunk: rays
+    marched at once (use it without grad to bound memory)."""
     need_normals = normals or mode != "albedo"
 
     def field_values(x, d, light):  # everything per sample that the backward pass needs
-        sigma, albedo = field(x)
         if need_normals:
-            n = field.normals(x, sigma)
+            sigma, albedo, n = field.with_normals(x)
             parts = [shade(albedo, n, x, light, ambient, mode), n * 0.5 + 0.5,
                      ((n * d).sum(-1, keepdim=True).clamp(min=0) ** 2)]
         else:
+            sigma, albedo = field(x)
             parts = [albedo]
         return sigma, torch.cat(parts, -1)
 

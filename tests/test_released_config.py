@@ -1,6 +1,6 @@
 """The sd21 preset of the 3D stage against the released configuration, with numbers from the released code.
 
-tests/data/released-cameras.json was made by running pkunliu/Isotropic3D's threestudio/data/random_multiview.py
+tests/data/released-3d-config.json was made by running pkunliu/Isotropic3D's threestudio/data/random_multiview.py
 (unmodified) on the data section of configs/isotropic3d-shading.yaml: its "source" field says how. Nothing
 here re-derives those numbers from this project's code."""
 import json
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from optimize3d.field import Field, FieldConfig
 from optimize3d.guidance import GuidanceConfig, distillation_loss
 from optimize3d.optimize import GenerateConfig, draw_elevations, sample_cameras
 from optimize3d.shading import light_positions
 from tests.conftest import ROOT
 
-RELEASED = json.loads((ROOT / "tests" / "data" / "released-cameras.json").read_text())
+RELEASED = json.loads((ROOT / "tests" / "data" / "released-3d-config.json").read_text())
 
 
 def elevation_draws(cfg: GenerateConfig, steps: int) -> np.ndarray:
@@ -107,3 +108,97 @@ def test_the_tiny_preset_keeps_its_own_cameras():
         GenerateConfig(view_groups=[2]).validate()
     with pytest.raises(ValueError, match="elevation_sampling"):
         GenerateConfig(elevation_sampling="gaussian").validate()
+
+
+def test_the_sd21_preset_has_the_released_settings():
+    released, cfg = RELEASED["released_config"], GenerateConfig.sd21()
+    assert [cfg.views * g for g in cfg.view_groups] == released["data.batch_size"] and cfg.views == released["data.n_view"]
+    assert cfg.resolution_milestones == released["data.resolution_milestones"] and cfg.resolutions == released["data.width"]
+    assert cfg.elevation_range == released["data.elevation_range"] and cfg.fov_range == released["data.fovy_range"]
+    assert cfg.relative_distance_range == released["data.camera_distance_range"]
+    assert cfg.nerf.normal_type == released["system.geometry.normal_type"]
+    assert cfg.mixed_precision == released["trainer.precision"]
+    assert cfg.steps == released["trainer.max_steps"] and cfg.march.samples_per_ray == released["system.renderer.num_samples_per_ray"]
+    assert cfg.seed == released["seed"]
+
+
+def small_field(normal_type: str, dtype=torch.float32) -> Field:
+    """Two dense levels (grid_sample) and two hashed ones (gather), with embeddings far from the blob."""
+    torch.manual_seed(0)
+    field = Field(FieldConfig(levels=4, log2_table_size=9, base_resolution=4, per_level_scale=2.0, hidden=8,
+                              normal_type=normal_type)).to(dtype)
+    with torch.no_grad():
+        field.encoding.embeddings.normal_(0, 1.0)
+    return field
+
+
+def test_analytic_normals_are_the_density_gradient():
+    """Against central differences of the density in float64 (no autograd), inside and outside the box."""
+    field = small_field("analytic", torch.float64)
+    x = torch.cat([torch.rand(300, 3, dtype=torch.float64) * 1.8 - 0.9, torch.tensor([[1.5, 0.2, 0.1]], dtype=torch.float64)])
+    with torch.no_grad():                                     # as validation and export call it
+        sigma, _, n = field.with_normals(x)
+    eps = 1e-6
+    grad = torch.stack([(field.density(x + eps * e) - field.density(x - eps * e)) / (2 * eps)
+                        for e in torch.eye(3, dtype=torch.float64)], -1)
+    torch.testing.assert_close(n, torch.nn.functional.normalize(-grad, dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sigma, field.density(x))
+    assert not n.requires_grad                                 # no graph kept outside training
+    assert field.with_normals(x)[2].requires_grad              # training: the graph is kept
+
+
+def test_a_loss_on_analytic_normals_trains_the_field_through_the_second_derivative():
+    """gradcheck (float64 finite differences) of embeddings and MLP weights -> normals: the double backward
+    through grid_sample (the dense levels) and the hash gathers is exact."""
+    field = small_field("analytic", torch.float64)
+    x = torch.rand(40, 3, dtype=torch.float64) * 1.6 - 0.8
+
+    class Normals(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.field = field
+
+        def forward(self, points):
+            return self.field.with_normals(points)[2]
+
+    def normals(embeddings, weight):
+        return torch.func.functional_call(Normals(), {"field.encoding.embeddings": embeddings,
+                                                      "field.density_net.0.weight": weight}, (x,), strict=False)
+    inputs = (field.encoding.embeddings.detach().clone().requires_grad_(), field.density_net[0].weight.detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(normals, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+    # Finite differences, by contrast, reach the weights only through first derivatives of the density.
+    fd = small_field("finite_difference")
+    assert fd.with_normals(x.float())[2].requires_grad
+    with pytest.raises(ValueError, match="normal_type"):
+        small_field("pred").with_normals(x.float())
+
+
+def test_16_mixed_runs_the_whole_step_in_fp16_with_a_gradient_scaler_that_resumes(tmp_path):
+    """The released precision: fp16 autocast over the field, the renderer and the diffusion model (here on the
+    CPU, where torch also autocasts to fp16), the loss scaled; the scaler's state is part of the field checkpoint."""
+    from model.mvmodel import ModelConfig, MultiViewModel
+    from optimize3d.guidance import MultiViewGuidance
+    from optimize3d.optimize import Precision, build_field, load_nerf, save_nerf, sds_step
+    cfg = GenerateConfig.tiny()
+    cfg.mixed_precision, cfg.nerf.normal_type = "16-mixed", "analytic"
+    torch.manual_seed(0)
+    model = MultiViewModel(ModelConfig.tiny()).eval().requires_grad_(False)
+    guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance)
+    nerf, grid, opt = build_field(cfg, torch.device("cpu"))
+    precision = Precision.of(cfg.mixed_precision, torch.device("cpu"))
+    assert precision.step == torch.float16 and precision.scaler.is_enabled()
+    dtypes = []
+    nerf.density_net.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    unet_dtypes = []
+    model.unet.conv_in.register_forward_hook(lambda module, args, out: unet_dtypes.append(out.dtype))
+    for step in range(3):
+        parts = sds_step(cfg, nerf, grid, opt, guide, step, precision)
+        assert math.isfinite(parts["loss"])
+    assert torch.float16 in dtypes and set(unet_dtypes) == {torch.float16}
+    scale = precision.scaler.get_scale()
+    assert scale < 65536.0                  # fp16 gradients overflowed at the initial scale and it backed off, as Lightning's does
+    save_nerf(tmp_path, 3, nerf, grid, opt, precision.scaler)
+    resumed = Precision.of(cfg.mixed_precision, torch.device("cpu"))
+    assert load_nerf(tmp_path / "step-000003", *build_field(cfg, torch.device("cpu")), resumed.scaler) == 3
+    assert resumed.scaler.get_scale() == scale
+    assert Precision.of("auto", torch.device("cpu")).step is None and not Precision.of("auto", torch.device("cpu")).scaler.is_enabled()
