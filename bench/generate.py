@@ -6,15 +6,17 @@
 1. Score-distillation steps/s at the tiny settings (4 views at 32 px, 64 samples per ray), per phase
    (albedo only; shaded with finite-difference normals; shaded with analytic normals, the sd21 preset's),
    with the time split into field and guidance.
-2. Marching: dense sampling against occupancy-grid skipping at several samples per ray, each image
-   compared with a dense reference at 1024 samples per ray (PSNR): speed at equal image error.
+2. Marching: dense sampling against occupancy-grid skipping, with and without early ray termination, at
+   several samples per ray, each image compared with a dense reference at 1024 samples per ray (PSNR):
+   speed at equal image error.
 3. Memory of the paper's field (GenerateConfig.sd21: 16-level hash grid, 512 samples per ray, normals
    for the orientation loss) per field sample, with and without march.recompute. Method: each probe
    runs in a fresh process; the peak RSS (VmHWM, reset just before) of one render + backward at
    4 x S x S rays minus the RSS before it. The marginal bytes per sample between two sizes (the fixed
    part, one chunk's activations when recomputing, cancels) extrapolate it to the paper's 4 x 256 x 256
    rays by the sample count of that render (marched without gradients).
-4. Reconstruction (generate.py --views, tiny preset): steps/s fitting 16 views of 64 px.
+4. Reconstruction (generate.py --views, tiny preset): steps/s fitting 16 views of 64 px, with and without
+   early ray termination (march.early_stop_eps) in the same run.
 """
 from __future__ import annotations
 
@@ -98,18 +100,21 @@ def marching(device, size: int) -> list[dict]:
     ref = march(sample_fn, o, d, 1.0, MarchConfig(samples_per_ray=1024, marcher="torch"))["values"]
     rows = []
     for n in (32, 64, 128):
-        variants = [("dense", None, 0.01)]
+        variants = [("dense", None, 0.01, False)]
         for threshold in (0.01, 0.001):       # nerfacc's occ_thre: the skipped cells' density bounds the error
             cfg = MarchConfig(samples_per_ray=n, marcher="torch", grid_update_every=1, grid_threshold=threshold)
             grid = new_occupancy_grid(1.0, cfg).to(device)
             for step in range(8):
                 update_grid(grid, nerf, step, 1.0, cfg)
-            variants.append((f"occupancy_grid(threshold={threshold})", grid, threshold))
-        for name, g, threshold in variants:
+            variants.append((f"occupancy_grid(threshold={threshold})", grid, threshold, False))
+            variants.append((f"occupancy_grid(threshold={threshold})+early_stop", grid, threshold, True))
+        for name, g, threshold, early_stop in variants:
+            # early_stop: a density pass drops samples under alpha 0.01 and behind transmittance 1e-4 (nerfacc's rule)
             cfg = MarchConfig(samples_per_ray=n, marcher="torch", grid_threshold=threshold)
-            march(sample_fn, o, d, 1.0, cfg, grid=g)
+            density_fn = nerf.density if early_stop else None
+            march(sample_fn, o, d, 1.0, cfg, grid=g, density_fn=density_fn)
             t = time.perf_counter()
-            r = march(sample_fn, o, d, 1.0, cfg, grid=g)
+            r = march(sample_fn, o, d, 1.0, cfg, grid=g, density_fn=density_fn)
             rows.append({"marcher": name, "samples_per_ray": n, "seconds": round(time.perf_counter() - t, 4),
                          "field_evaluations": r["samples"], "psnr_vs_1024_dense": round(psnr(r["values"], ref), 2)})
     return rows
@@ -133,13 +138,12 @@ def peak_rss_kb() -> int:
 
 
 def memory_probe(size: int, recompute: bool) -> dict:
-    """In a fresh process (see main): one full-size render + backward, the views of the phase at this size."""
+    """In a fresh process (see main): one full-size render + backward at 4 x size x size rays."""
     cfg = GenerateConfig.sd21()
     cfg.march.marcher, cfg.march.recompute = "torch", recompute
     nerf, grid, _ = build_field(cfg, torch.device("cpu"))
     update_grid(grid, nerf, 0, cfg.nerf.radius, cfg.march)
-    step = next((m for r, m in zip(cfg.resolutions[1:], cfg.resolution_milestones) if size >= r), 0)
-    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0), step)    # the views of the phase at this size
+    c2w, fov, _, _ = sample_cameras(cfg, random.Random(0), cfg.resolution_milestones[-1])   # 4 views (one group)
     before = reset_peak_rss_kb()
     out = render_views(nerf, grid, c2w, fov, size, cfg.march, normals=True, stratified=True,
                        generator=torch.Generator().manual_seed(0))
@@ -160,7 +164,7 @@ def paper_size_samples() -> int:
     return render_views(nerf, grid, c2w, fov, 256, cfg.march, ray_chunk=1 << 13)["samples"]
 
 
-def field_memory(sizes=(32, 64)) -> dict:
+def field_memory(sizes=(32, 48)) -> dict:
     import subprocess
     rows = []
     for size in sizes:
@@ -207,17 +211,21 @@ def reconstruction_speed(steps: int) -> dict:
         (folder / "cameras.json").write_text(json.dumps({
             "convention": "opencv", "K": intrinsics(64).tolist(), "width": 64, "height": 64,
             "fixed": [{"azimuth_deg": az, "elevation_deg": el, "c2w": c2w_opencv(az, el, DISTANCE).tolist()} for az, el in angles]}))
-        cfg = ReconstructConfig.tiny()
-        cfg.train_set = "fixed"
         rays = training_rays(load_posed_views(folder, "fixed"), torch.device("cpu"))
-        nerf, grid, opt = build_field(cfg, torch.device("cpu"))
-        fit_step(cfg, nerf, grid, opt, rays, 0)
-        t = time.perf_counter()
-        samples = sum(fit_step(cfg, nerf, grid, opt, rays, step)["samples"] for step in range(1, steps + 1))
-        s = (time.perf_counter() - t) / steps
-    return {"preset": "tiny", "views": len(angles), "size": 64, "rays_per_step": cfg.rays_per_step,
-            "steps_per_s": round(1 / s, 2), "field_samples_per_step": samples // steps,
-            "seconds_for_the_preset": round(cfg.steps * s, 1)}
+        out = {}
+        for name, eps in (("early_stop", MarchConfig().early_stop_eps), ("no_early_stop", 0.0)):   # same run, both
+            cfg = ReconstructConfig.tiny()
+            cfg.train_set, cfg.march.early_stop_eps = "fixed", eps
+            nerf, grid, opt = build_field(cfg, torch.device("cpu"))
+            fit_step(cfg, nerf, grid, opt, rays, 0)
+            t = time.perf_counter()
+            samples = sum(fit_step(cfg, nerf, grid, opt, rays, step)["samples"] for step in range(1, steps + 1))
+            s = (time.perf_counter() - t) / steps
+            out[name] = {"preset": "tiny", "views": len(angles), "size": 64, "rays_per_step": cfg.rays_per_step,
+                         "steps_per_s": round(1 / s, 2), "field_samples_per_step": samples // steps,
+                         "seconds_for_the_preset": round(cfg.steps * s, 1)}
+    out["speedup_of_early_stop"] = round(out["early_stop"]["steps_per_s"] / out["no_early_stop"]["steps_per_s"], 2)
+    return out
 
 
 def main():

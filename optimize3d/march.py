@@ -36,7 +36,10 @@ class MarchConfig:
     grid_threshold: float = 0.01
     """A cell is occupied when its density * step size exceeds this (nerfacc's occ_thre)."""
     alpha_threshold: float = 0.01
-    """nerfacc marcher: samples with a smaller alpha are dropped."""
+    """Samples with a smaller alpha are dropped (nerfacc's alpha_thre; the torch marcher too, given a density_fn)."""
+    early_stop_eps: float = 1e-4
+    """A ray stops where its transmittance falls below this (nerfacc's early_stop_eps; the torch marcher too,
+    given a density_fn): samples behind an opaque surface are not evaluated. 0: never."""
     marcher: str = "auto"
     """auto | nerfacc (CUDA) | torch (any device)."""
     chunk: int = 1 << 18
@@ -137,12 +140,31 @@ def evaluate(sample_fn: SampleFn, x: torch.Tensor, d: torch.Tensor, ray_index: t
     return sig[:0], val[:0]
 
 
+@torch.no_grad()
+def visible(density_fn, x: torch.Tensor, candidates: torch.Tensor, n_rays: int, n: int, dt: torch.Tensor,
+            cfg: MarchConfig) -> torch.Tensor:
+    """[R * n] bool: the candidate samples (ray-major, n per ray) whose alpha reaches cfg.alpha_threshold and
+    in front of which the ray's transmittance is still at least cfg.early_stop_eps (densities without grad)."""
+    idx = candidates.nonzero()[:, 0]
+    sigma = torch.zeros(n_rays * n, device=x.device, dtype=x.dtype)
+    for s in range(0, idx.numel(), cfg.chunk):
+        sigma[idx[s:s + cfg.chunk]] = density_fn(x[idx[s:s + cfg.chunk]]).to(x.dtype)
+    alpha = 1 - torch.exp(-sigma * dt)
+    transmittance = torch.cumprod(torch.cat([torch.ones(n_rays, 1, device=x.device, dtype=x.dtype),
+                                             (1 - alpha).view(n_rays, n)[:, :-1]], 1), 1).reshape(-1)
+    return (alpha >= cfg.alpha_threshold) & (transmittance >= cfg.early_stop_eps)
+
+
 def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float, cfg: MarchConfig,
           grid: Optional[nerfacc.OccGridEstimator] = None, stratified: bool = False,
-          generator: Optional[torch.Generator] = None) -> dict:
+          generator: Optional[torch.Generator] = None,
+          density_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """Composite `sample_fn`'s values along each ray -> {"values": [R, C], "opacity": [R, 1],
     "depth": [R, 1], "samples": number of field evaluations, "sample_weights" [S] and "sample_values"
-    [S, C] per sample (for losses on samples)}. grid=None: dense sampling (no skipping)."""
+    [S, C] per sample (for losses on samples)}. grid=None: dense sampling (no skipping).
+    density_fn (positions [N, 3] -> density [N]): a first pass without gradients over the candidate samples
+    drops those under cfg.alpha_threshold and those behind cfg.early_stop_eps of transmittance, as nerfacc's
+    sampler does with its sigma_fn; sample_fn then runs on the rest only."""
     marcher = resolve_marcher(cfg, rays_o.device)
     n_rays = rays_o.shape[0]
     dt = step_size(radius, cfg)
@@ -153,11 +175,12 @@ def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radiu
 
         def sigma_fn(t0, t1, ri):
             x = rays_o[ri] + rays_d[ri] * ((t0 + t1) / 2)[:, None]
-            return sample_fn(x, rays_d[ri], ri)[0]
+            return density_fn(x) if density_fn is not None else sample_fn(x, rays_d[ri], ri)[0]
 
         ray_indices, t_starts, t_ends = grid.sampling(rays_o, rays_d, sigma_fn=sigma_fn, t_min=near, t_max=far,
                                                       render_step_size=dt, stratified=stratified,
-                                                      alpha_thre=cfg.alpha_threshold)
+                                                      alpha_thre=cfg.alpha_threshold,
+                                                      early_stop_eps=cfg.early_stop_eps)
         x = rays_o[ray_indices] + rays_d[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
         sigma, values = evaluate(sample_fn, x, rays_d[ray_indices], ray_indices, cfg.chunk)
         weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma, ray_indices=ray_indices, n_rays=n_rays)
@@ -182,6 +205,8 @@ def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radiu
     keep = hit[:, None].expand(n_rays, n).reshape(-1)
     if grid is not None:
         keep = keep & occupied(grid, flat, radius)
+    if density_fn is not None and (cfg.alpha_threshold > 0 or cfg.early_stop_eps > 0):
+        keep = keep & visible(density_fn, flat, keep, n_rays, n, (span / n).expand(n_rays, n).reshape(-1), cfg)
     idx = keep.nonzero()[:, 0]
     ray_of = idx // n
     sig_kept, val_kept = evaluate(sample_fn, flat[idx], rays_d[ray_of], ray_of, cfg.chunk)

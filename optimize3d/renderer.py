@@ -50,7 +50,7 @@ def render_rays(field, grid, rays_o: torch.Tensor, rays_d: torch.Tensor, cfg: Ma
     for s in range(0, rays_o.shape[0], chunk):
         results.append(march(sampler(None if lights is None else lights[s:s + chunk]), rays_o[s:s + chunk],
                              rays_d[s:s + chunk], field.cfg.radius, cfg, grid=grid, stratified=stratified,
-                             generator=generator))
+                             generator=generator, density_fn=field.density))
     values = torch.cat([r["values"] for r in results])
     opacity = torch.cat([r["opacity"] for r in results])
     out = {"rgb": values[:, :3] + (1 - opacity), "opacity": opacity, "samples": sum(r["samples"] for r in results)}

@@ -1,5 +1,6 @@
 """The 3D stage's parts: hash grid, normals, marching (occupancy grid vs dense), schedules, score
 distillation gradients, mesh export."""
+import dataclasses
 import math
 
 import numpy as np
@@ -111,6 +112,37 @@ def test_occupancy_grid_marching_matches_dense_sampling():
     empty = new_occupancy_grid(1.0, cfg)                         # a grid that was never filled skips everything
     empty.binaries.zero_()
     assert march(blob, o, d, 1.0, cfg, grid=empty)["opacity"].max() == 0
+
+
+def test_early_ray_termination_skips_what_lies_behind_the_surface():
+    """With a density_fn the torch marcher applies the released renderer's nerfacc rule: a first pass of
+    densities drops the samples behind transmittance 1e-4 (lossless: what lies behind counts for at most 1e-4)
+    and those under alpha 0.01; the sample function runs on the rest only."""
+    cfg = MarchConfig(samples_per_ray=256, grid_resolution=32, grid_update_every=1, marcher="torch")
+    torch.manual_seed(0)
+    blob = Blob()
+    grid = new_occupancy_grid(1.0, cfg)
+    for step in range(8):
+        update_grid(grid, blob, step, 1.0, cfg)
+    c2w = torch.tensor(np.stack([c2w_blender(az, 20.0, 2.0) for az in (0, 120, 240)]), dtype=torch.float32)
+    o, d = camera_rays(c2w, torch.full((3,), 50.0), 24)
+    calls = []
+
+    def counted(x, dd, ri):
+        calls.append(x.shape[0])
+        return blob(x, dd, ri)
+    full = march(counted, o, d, 1.0, cfg, grid=grid)
+    assert sum(calls) == full["samples"]
+    stop_only = dataclasses.replace(cfg, alpha_threshold=0.0)
+    early = march(blob, o, d, 1.0, stop_only, grid=grid, density_fn=blob.density)
+    assert early["samples"] < 0.95 * full["samples"]                       # measured 0.91 on this soft blob
+    assert (early["opacity"] - full["opacity"]).abs().max() <= 1.1e-4
+    assert psnr(early["values"], full["values"]) > 60
+    calls.clear()
+    released = march(counted, o, d, 1.0, cfg, grid=grid, density_fn=blob.density)
+    assert sum(calls) == released["samples"] < 0.6 * full["samples"]         # and the faint halo goes (0.56)
+    off = dataclasses.replace(cfg, early_stop_eps=0.0, alpha_threshold=0.0)
+    assert march(blob, o, d, 1.0, off, grid=grid, density_fn=blob.density)["samples"] == full["samples"]
 
 
 def test_recomputed_and_chunked_renders_equal_the_plain_one():
