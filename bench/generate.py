@@ -164,7 +164,7 @@ def paper_size_samples() -> int:
     return render_views(nerf, grid, c2w, fov, 256, cfg.march, ray_chunk=1 << 13)["samples"]
 
 
-def field_memory(sizes=(32, 48)) -> dict:
+def field_memory(sizes=(32, 64)) -> dict:
     import subprocess
     rows = []
     for size in sizes:

@@ -92,6 +92,33 @@ class TorchHashGrid(torch.nn.Module):
         return torch.cat([self._dense(level, x01) if (res + 1) ** 3 <= self.table else self._hashed(level, x01)
                           for level, res in enumerate(self.resolutions)], -1)
 
+    def with_jacobian(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x01 [N, 3] -> the encoding [N, levels * features] and its derivative with respect to x01
+        [N, levels * features, 3], in closed form (the trilinear weights' derivatives): analytic normals
+        without a second derivative through grid_sample. Every level gathers its 8 corners here (dense levels
+        by their dense index), so values equal forward()'s to float rounding."""
+        inside = ((x01 > 0) & (x01 < 1)).to(x01.dtype)                  # clamp's derivative
+        x01 = x01.clamp(0, 1)
+        values, jacobians = [], []
+        for level, res in enumerate(self.resolutions):
+            pos = x01 * res
+            base = pos.floor().long().clamp(max=res - 1)
+            frac = pos - base
+            idx = base[:, None, :] + self.corners[None]                                   # [N, 8, 3]
+            if (res + 1) ** 3 <= self.table:
+                n = res + 1
+                index = (idx[..., 0] * n + idx[..., 1]) * n + idx[..., 2]               # _dense's layout
+            else:
+                index = ((idx[..., 0] * self.primes[0]) ^ (idx[..., 1] * self.primes[1]) ^ (idx[..., 2] * self.primes[2])) % self.table
+            corner = self.embeddings[level][index]                                         # [N, 8, F]
+            bit = self.corners[None].bool()
+            t = torch.where(bit, frac[:, None, :], 1 - frac[:, None, :]).to(corner.dtype)   # [N, 8, 3]
+            sign = bit.to(corner.dtype) * 2 - 1
+            dw = torch.stack([sign[..., j] * t[..., (j + 1) % 3] * t[..., (j + 2) % 3] for j in range(3)], -1)
+            values.append((corner * t.prod(-1)[..., None]).sum(1))
+            jacobians.append(torch.einsum("ncf,nck->nfk", corner, dw) * res)
+        return torch.cat(values, -1), torch.cat(jacobians, 1) * inside[:, None, :]
+
 
 class TcnnHashGrid(torch.nn.Module):
     def __init__(self, cfg: FieldConfig):
@@ -174,7 +201,9 @@ class Field(torch.nn.Module):
             return sigma, albedo, self.normals(x, sigma)
         if self.cfg.normal_type != "analytic":
             raise ValueError(f"normal_type {self.cfg.normal_type!r}: expected analytic or finite_difference")
-        training = torch.is_grad_enabled()
+        if hasattr(self.encoding, "with_jacobian"):
+            return self._closed_form_normals(x)
+        training = torch.is_grad_enabled()            # tiny-cuda-nn: autograd's double backward
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             sigma, albedo = self(x)
@@ -183,6 +212,21 @@ class Field(torch.nn.Module):
         if not training:
             return sigma.detach(), albedo.detach(), normals.detach()
         return sigma, albedo, normals
+
+    def _closed_form_normals(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-d(density)/dx by the chain rule written out: softplus'(raw) (d raw/d enc . d enc/dx + d blob/dx),
+        d raw/d enc = W2 diag(relu'(W1 enc + b1)) W1 of the one-hidden-layer density MLP. Only first
+        derivatives of torch ops, so a loss on the normals trains the field by plain backward, and
+        march.recompute bounds its memory."""
+        h, jacobian = self.encoding.with_jacobian((x / self.cfg.radius + 1) / 2)
+        first, _, last = self.density_net
+        z = first(h)
+        raw = last(torch.relu(z))[:, 0] + self._blob(x)
+        d_raw_d_h = (last.weight[0] * (z > 0).to(z.dtype)) @ first.weight                   # [N, L*F]
+        d_blob_dx = -self.cfg.blob_density / self.cfg.blob_radius * F.normalize(x, dim=-1)
+        grad = torch.sigmoid(raw)[:, None] * (torch.einsum("nl,nlk->nk", d_raw_d_h, jacobian.to(h.dtype))
+                                              / (2 * self.cfg.radius) + d_blob_dx)
+        return F.softplus(raw), torch.sigmoid(self.albedo_net(h)), F.normalize(-grad, dim=-1)
 
     def normals(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         """Unit normals [N, 3] = -grad(density) / |grad| by forward differences (3 more density lookups;

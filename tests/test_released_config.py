@@ -202,3 +202,24 @@ def test_16_mixed_runs_the_whole_step_in_fp16_with_a_gradient_scaler_that_resume
     assert load_nerf(tmp_path / "step-000003", *build_field(cfg, torch.device("cpu")), resumed.scaler) == 3
     assert resumed.scaler.get_scale() == scale
     assert Precision.of("auto", torch.device("cpu")).step is None and not Precision.of("auto", torch.device("cpu")).scaler.is_enabled()
+
+
+def test_closed_form_normals_equal_autograds_gradient_of_the_density_and_its_second_derivative():
+    """The pure-torch field writes -d(density)/dx out by the chain rule (no double backward): the same normals
+    as autograd's gradient of the density, and the same gradients of a loss on them, in every parameter."""
+    field = small_field("analytic", torch.float64)
+    x = torch.rand(200, 3, dtype=torch.float64) * 2.2 - 1.1             # some outside the box
+    probe = torch.randn(200, 3, dtype=torch.float64)
+    closed = field.with_normals(x)[2]
+    points = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(field.density(points), points, torch.ones(200, dtype=torch.float64), create_graph=True)
+    reference = torch.nn.functional.normalize(-grad, dim=-1)
+    torch.testing.assert_close(closed, reference, atol=1e-9, rtol=1e-9)
+    params = list(field.parameters())
+    ours = torch.autograd.grad((closed * probe).sum(), params, allow_unused=True)
+    theirs = torch.autograd.grad((reference * probe).sum(), params, allow_unused=True)
+    for name, a, b in zip([n for n, _ in field.named_parameters()], ours, theirs):
+        if b is None:                                                   # the albedo MLP: not in the normals
+            assert a is None or a.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=name)
