@@ -112,7 +112,7 @@ def test_listens_on_loopback_only(app):
 
 
 def test_a_photo_is_cut_out_and_shown_as_the_model_sees_it(app, browser, tmp_path):
-    from optimize3d.inputs import load_input_image
+    from optimize3d.inputs import image_digest, load_input_image
     from optimize3d.preprocess import PreprocessConfig, preprocess
     photo, _ = photo_like(320, 240, seed=3)
     photo.save(tmp_path / "photo.jpg", quality=92)
@@ -122,7 +122,9 @@ def test_a_photo_is_cut_out_and_shown_as_the_model_sees_it(app, browser, tmp_pat
     assert page.is_checked("#remove-background input[type=checkbox]")   # ticked: the app was given a segmenter
     assert generate(page, app, tmp_path / "photo.jpg").startswith("done:")
     assert page.get_attribute("#model-input img", "src")
-    (run,) = [c for c in (app["out"] / "results").glob("*/cmd.txt") if "--remove-background" in c.read_text()]
+    stem = image_digest(tmp_path / "photo.jpg")[:16]                    # the upload's name under inputs/
+    (run,) = (app["out"] / "results").glob(f"{stem}-*/cmd.txt")
+    assert "--remove-background" in run.read_text()
     expected, _ = preprocess(load_input_image(tmp_path / "photo.jpg"),
                              PreprocessConfig(remove_background=True, segmenter=str(app["segmenter"])), "photo.jpg")
     seen = np.asarray(Image.open(run.parent / "input.png"))
