@@ -184,6 +184,7 @@ def preprocess(picture: Image.Image, cfg: PreprocessConfig, name: str) -> tuple[
 def main(argv=None) -> int:
     import argparse
     import sys
+    from common.atomic import atomic_path
     from common.config import ConfigError, load_config
     from optimize3d.inputs import load_input_image
     from render.preview import on_white
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
         return 2
     for w in warnings:
         print(f"preprocess: warning: {w}", file=sys.stderr)
-    rgba.save(args.output)
+    with atomic_path(args.output) as tmp:
+        rgba.save(tmp, format="PNG")
     if args.figure:
         side = rgba.size[1]
         before = picture.convert("RGB")
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
         sheet = Image.new("RGB", (before.width + side + side // 16, side), "white")
         sheet.paste(before, (0, 0))
         sheet.paste(on_white(rgba), (before.width + side // 16, 0))
-        sheet.save(args.figure)
+        with atomic_path(args.figure) as tmp:
+            sheet.save(tmp, format="PNG")
     return 0
 
 
