@@ -17,6 +17,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,10 @@ DEMO_COUNT = 12
 DEMO_VERSION = 2  # bump when the generated objects change: it is part of their uids
 OBJAVERSE_URL = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 ANNOTATION_FIELDS = ("name", "license", "uri", "user", "tags")
+DOWNLOAD_TIMEOUT_S = 60.0
+"""A download fails when the server sends nothing for this long (connect or any read)."""
+DOWNLOAD_ATTEMPTS = 3
+"""Tries per file (1 s, then 2 s between them) before its object fails with the reason."""
 DEMO_SHAPES = ("box", "sphere", "cylinder", "cone", "capsule", "torus", "table", "snowman")
 
 
@@ -132,12 +139,23 @@ def objaverse_url() -> str:
     return os.environ.get("ISO3D_OBJAVERSE_URL", OBJAVERSE_URL).rstrip("/")
 
 
-def _fetch(rel: str, local: Path) -> None:
+def _fetch(rel: str, local: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
     """One file of the Objaverse repository into the package's cache layout (a temporary name, then renamed),
     as objaverse's own downloader does, without its glob over every downloaded file after each download
-    (quadratic over a run of 800k objects)."""
-    with atomic_path(local) as tmp:
-        urllib.request.urlretrieve(f"{objaverse_url()}/{rel}", tmp)
+    (quadratic over a run of 800k objects). A stalled server times out; a failed try is retried; the last
+    failure is a SourceError naming the URL."""
+    url = f"{objaverse_url()}/{rel}"
+    for attempt in range(attempts):
+        try:
+            with atomic_path(local) as tmp, urllib.request.urlopen(url, timeout=timeout_s) as response, \
+                    open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            return
+        except (urllib.error.URLError, OSError) as e:      # HTTPError, refused, reset, timeouts
+            reason = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+            if attempt + 1 < attempts:
+                time.sleep(2 ** attempt)
+    raise SourceError(f"download {url}: failed {attempts} times, last: {reason}")
 
 
 def _in_cache(objaverse_dir: str | None, rel: str) -> Path:

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import time
 
 import pytest
 import trimesh
@@ -111,3 +112,41 @@ def test_demo_objects_stand_upright_in_gltf_y_up(tmp_path):
     table = trimesh.load(next(r.locator for r in refs if r.uid.endswith("table")), force="mesh")
     assert table.extents[1] == pytest.approx(0.54, abs=1e-6)
     assert table.bounds[0][1] == pytest.approx(0.0, abs=1e-6)     # legs on the ground, top up
+
+
+def test_downloads_time_out_retry_and_fail_with_the_url(tmp_path, monkeypatch):
+    """A server that stalls is given up on after the timeout (each try), one that fails once is retried; the
+    last failure names the URL; nothing is left under a temporary name."""
+    import http.server
+    import threading
+    from render.sources import _fetch
+    requests = {"flaky": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.endswith("stall.bin"):
+                time.sleep(3)                             # longer than the timeout below, by 10x
+                return
+            requests["flaky"] += 1
+            if requests["flaky"] == 1:
+                self.send_error(500)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("ISO3D_OBJAVERSE_URL", f"http://127.0.0.1:{server.server_port}")
+    try:
+        _fetch("glbs/flaky.bin", tmp_path / "flaky.bin", timeout_s=5, attempts=2)
+        assert (tmp_path / "flaky.bin").read_bytes() == b"hello" and requests["flaky"] == 2
+        with pytest.raises(SourceError, match=r"download http://127\.0\.0\.1:\d+/glbs/stall\.bin: failed 2 times.*timed out"):
+            _fetch("glbs/stall.bin", tmp_path / "stall.bin", timeout_s=0.3, attempts=2)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["flaky.bin"]
+    finally:
+        server.shutdown()
