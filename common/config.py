@@ -77,13 +77,39 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
+def cache_home() -> Path:
+    """This project's per-user cache: $ISO3D_CACHE, default ~/.cache/iso3d (converted checkpoints, digests)."""
+    import os
+    return Path(os.environ.get("ISO3D_CACHE", "~/.cache/iso3d")).expanduser()
+
+
 def file_digest(path: str | Path) -> str:
-    """A cheap identity of a large file (weights): its size + a hash of its first and last MiB."""
-    p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256(str(size).encode())
+    """The identity of a (large) file: the SHA-256 of its whole content, 16 hex digits. It keys caches of
+    converted checkpoints, VAE latents and CLIP embeddings, so two files that differ anywhere differ here.
+    Reading a 10 GB checkpoint takes tens of seconds, so the result is remembered in
+    cache_home()/digests/ for a file whose resolved path, inode, size and mtime are unchanged (a file
+    replaced or rewritten in place changes its mtime; `cp -p` and `touch -r` are the ways to fool it)."""
+    import os
+    from common.atomic import atomic_write_text
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = {"path": str(p), "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = cache_home() / "digests" / f"{hashlib.sha256(str(p).encode()).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("digest"), str):
+            return known["digest"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
     with open(p, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    if os.stat(p).st_mtime_ns != st.st_mtime_ns:
+        raise OSError(f"{p}: changed while its digest was computed")
+    try:
+        atomic_write_text(memo, json.dumps({**stamp, "digest": digest}))
+    except OSError:
+        pass          # a read-only cache costs time, not correctness
+    return digest

@@ -73,6 +73,28 @@ def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extr
     return final
 
 
+def prune(ckpt_root: Path, keep_last: int, keep_every: int = 0, protect=()) -> list[Path]:
+    """Delete the checkpoints of `ckpt_root` that are neither among the `keep_last` newest, nor at a step
+    that is a multiple of `keep_every` (0: none kept that way), nor in `protect` (the one a run resumed
+    from). Each goes in two moves: renamed out of the step-N pattern first (so `latest` never picks a
+    half-deleted one), then removed. Returns the deleted paths (their old names), oldest first."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last {keep_last}: expected >= 1 (the newest checkpoint is the one a resume needs)")
+    found = sorted((int(m.group(1)), p) for p in Path(ckpt_root).glob("step-*") if (m := STEP_DIR.match(p.name)))
+    kept = {p for _, p in found[-keep_last:]} | {Path(p).resolve() for p in protect}
+    deleted = []
+    for step, p in found:
+        if p in kept or p.resolve() in kept or (keep_every and step % keep_every == 0):
+            continue
+        doomed = p.with_name(f".deleting-{p.name}")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed)
+        deleted.append(p)
+    for leftover in Path(ckpt_root).glob(".deleting-step-*"):    # a prune killed between its two moves
+        shutil.rmtree(leftover, ignore_errors=True)
+    return deleted
+
+
 def latest(ckpt_root: Path) -> Path | None:
     found = [(int(m.group(1)), p) for p in Path(ckpt_root).glob("step-*") if (m := STEP_DIR.match(p.name))]
     return max(found)[1] if found else None

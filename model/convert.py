@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import replace_dir
 from model.checkpoint import weights_file, write_scheduler, write_unet
-from common.config import config_hash, file_digest
+from common.config import cache_home, config_hash, file_digest
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -181,7 +180,7 @@ def is_raw_checkpoint(path: Path) -> bool:
 def default_cache() -> Path:
     """Where files given directly (--init, --checkpoint) are converted: $ISO3D_CACHE/converted
     (default ~/.cache/iso3d/converted)."""
-    return Path(os.environ.get("ISO3D_CACHE", "~/.cache/iso3d")).expanduser() / "converted"
+    return cache_home() / "converted"
 
 
 def as_checkpoint_dir(path: Path, cache_root: Optional[Path] = None, **kwargs) -> Path:

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,7 +31,6 @@ from render.layout import object_dir
 
 log = logging.getLogger("finetune")
 RAY_POINTER = "iso3d-checkpoint.json"
-FAULT_MARKER = "fault-injected.txt"
 
 
 @dataclass
@@ -68,6 +66,11 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 500
     ckpt_every: int = 500
+    keep_last: int = 3
+    """Checkpoints kept: the keep_last newest (>= 1; the newest is what a resume needs)..."""
+    keep_every: int = 0
+    """...and every one whose step is a multiple of keep_every (0: none). Older ones are deleted after each
+    save: at sd21 a checkpoint is about 10 GB, and a stage-1 run saves a hundred."""
     sample_steps: int = 50
     guidance: float = 10.0
 
@@ -98,7 +101,7 @@ class TrainConfig:
         prep = PrepareConfig(dtype="float16")
         if stage == 1:
             return TrainConfig(model=ModelConfig.sd21(), prepare=prep, stage=1, batch_size=24, grad_accum=4, lr=1e-4,
-                               warmup_steps=10_000, lr_schedule="constant", max_steps=50_000)
+                               warmup_steps=10_000, lr_schedule="constant", max_steps=50_000, keep_every=10_000)
         return TrainConfig(model=ModelConfig.sd21(), prepare=prep, stage=2, batch_size=16, grad_accum=1, lr=1e-5,
                            warmup_steps=0, lr_schedule="linear", max_steps=5_000)
 
@@ -113,6 +116,9 @@ class TrainConfig:
         if set(self.data.exclude_flags) - set(FLAGS):
             raise ValueError(f"data.exclude_flags {sorted(set(self.data.exclude_flags) - set(FLAGS))}: unknown; "
                              f"the flags are {', '.join(FLAGS)}")
+        if self.keep_last < 1 or self.keep_every < 0:
+            raise ValueError(f"keep_last {self.keep_last} / keep_every {self.keep_every}: expected keep_last >= 1 "
+                             "(the newest checkpoint is what a resume needs) and keep_every >= 0")
         if self.loader_workers < 0:
             raise ValueError(f"loader_workers {self.loader_workers}: expected >= 0")
         lr_lambda(self.lr_schedule, 1, 1)(0)
@@ -180,8 +186,7 @@ def _to(batch: dict, device) -> dict:
 
 
 def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str], resume: Optional[str],
-                 rank: int = 0, world: int = 1, ray_train: bool = False, progress: bool = True,
-                 kill_at: Optional[list[int]] = None) -> dict:
+                 rank: int = 0, world: int = 1, ray_train: bool = False, progress: bool = True) -> dict:
     cfg = from_dict(TrainConfig, cfg_dict)
     run = Path(run_dir)
     if ray_train:
@@ -270,10 +275,10 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
                 validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
         if ray_train:
             report_to_ray({"loss": total, "step": done}, saved)
+        if saved is not None:
+            # After the report: until then, the checkpoint Ray Train restarts from is the previous one.
+            checkpoint.prune(run / "checkpoints", cfg.keep_last, cfg.keep_every, protect=[ck] if ck else [])
             saved = None
-        if kill_at is not None and kill_at == [rank, done] and not (run / FAULT_MARKER).exists():
-            (run / FAULT_MARKER).write_text(f"rank {rank} killed itself after step {done}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
     if writer is not None:
         writer.close()
     return {"losses": history, "start": start}
@@ -323,8 +328,7 @@ def _ray_loop(config: dict) -> None:
     import ray.train
     ctx = ray.train.get_context()
     train_worker(config["cfg"], config["data_dir"], config["run_dir"], config["init"], config["resume"],
-                 rank=ctx.get_world_rank(), world=ctx.get_world_size(), ray_train=True, progress=False,
-                 kill_at=config["kill_at"])
+                 rank=ctx.get_world_rank(), world=ctx.get_world_size(), ray_train=True, progress=False)
 
 
 def connect_ray(address: Optional[str], num_workers: int, data_dir: Path, run_dir: Optional[Path],
@@ -346,10 +350,7 @@ def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] =
     several nodes, data_dir and run_dir must be on storage every node mounts (refused otherwise, unless
     shared_storage says they are). First the prepared data is brought up to date (dataset/prepared.py: new
     and re-rendered objects only, as Ray tasks when num_workers > 0); prepare_data=False trains on the
-    index as it is, without listing the render root.
-
-    Fault injection for tests: ISO3D_KILL_TRAIN_WORKER=RANK:STEP makes that Ray Train worker SIGKILL itself
-    after that optimizer step, once per run directory."""
+    index as it is, without listing the render root."""
     cfg.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -363,11 +364,10 @@ def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] =
         return train_worker(cfg_dict, str(data_dir), str(run_dir), init, resume)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    kill = os.environ.get("ISO3D_KILL_TRAIN_WORKER")
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"cfg": cfg_dict, "data_dir": str(Path(data_dir).resolve()), "run_dir": str(run_dir.resolve()),
-                           "init": init, "resume": resume, "kill_at": [int(x) for x in kill.split(":")] if kill else None},
+                           "init": init, "resume": resume},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name="ray", storage_path=str((run_dir / "ray").resolve()),

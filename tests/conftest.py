@@ -36,6 +36,15 @@ def chromium_path() -> str:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """$ISO3D_CACHE (converted checkpoints, file digests) in this run's temporary folder, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        if "ISO3D_CACHE" not in os.environ:
+            mp.setenv("ISO3D_CACHE", str(tmp_path_factory.mktemp("iso3d-cache")))
+        yield Path(os.environ["ISO3D_CACHE"])
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """The test process as the driver of a local 2-CPU Ray bound to 127.0.0.1, for one module."""

@@ -50,3 +50,28 @@ def test_settings_added_later_keep_the_cache_key_of_objects_rendered_before_them
     assert RenderSettings(samples=16, denoiser="fast", **before).key() == "65867438ccae034b"
     assert RenderSettings(samples=24, denoiser="high", seed=3, **before).key() == "06d9f13fac559e46"
     assert RenderSettings(samples=16, denoiser="fast", adaptive_threshold=0.05, min_samples=8).key() != "65867438ccae034b"
+
+
+def test_file_digest_sees_the_whole_file_and_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """Two 3 MiB files that differ in one middle byte (the old digest read only the first and last MiB)
+    differ; the digest is remembered by path, size and mtime: a file rewritten behind an unchanged mtime
+    keeps its remembered digest (what the memo is for), a new mtime makes it read again."""
+    import hashlib
+    import os
+    from common.config import file_digest
+    monkeypatch.setenv("ISO3D_CACHE", str(tmp_path / "cache"))
+    data = bytearray(os.urandom(3 << 20))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(bytes(data))
+    data[len(data) // 2] ^= 1
+    b.write_bytes(bytes(data))
+    assert file_digest(a) != file_digest(b)
+    assert file_digest(b) == hashlib.sha256(bytes(data)).hexdigest()[:16]
+    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 2
+    remembered = file_digest(a)
+    stamp = os.stat(a)
+    a.write_bytes(bytes(data))                          # b's content, a's old mtime
+    os.utime(a, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert file_digest(a) == remembered
+    os.utime(a, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
+    assert file_digest(a) == file_digest(b)

@@ -2,6 +2,10 @@
 import dataclasses
 import json
 import shutil
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,13 +64,16 @@ def test_stage2_reference_view_is_out_of_the_loss_but_conditions_targets(two_obj
 
 def test_resume_gives_the_same_weights_as_training_straight(two_objects, tmp_path):
     # A constant rate: the first half stands in for a run killed at step 3, whose (linear) schedule would
-    # still have been the 6-step one.
-    cfg = tiny(max_steps=6, ckpt_every=3, lr_schedule="constant")
+    # still have been the 6-step one. keep_last=1: the straight run prunes step 3 once step 6 is saved, the
+    # resumed run keeps it (a resume's own checkpoint is never deleted).
+    cfg = tiny(max_steps=6, ckpt_every=3, lr_schedule="constant", keep_last=1)
     train(cfg, two_objects, tmp_path / "straight")
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == ["step-000006"]
     train(dataclasses.replace(cfg, max_steps=3), two_objects, tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "tensorboard")       # as after a kill: only checkpoints survive
     out = train(cfg, two_objects, tmp_path / "resumed", resume="latest")
     assert out["start"] == 3 and len(out["losses"]) == 3
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-000006" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
@@ -146,15 +153,45 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_run, two_obje
     assert max(float((alone[k] - two[k]).abs().max()) for k in one) > 0.2 * moved
 
 
-def test_a_killed_ray_train_worker_is_restarted_and_the_run_ends_as_an_unkilled_one(ray_run, two_objects, tmp_path,
-                                                                                  monkeypatch):
-    """Rank 1 SIGKILLs itself after optimizer step 3 (ISO3D_KILL_TRAIN_WORKER): Ray Train's FailureConfig
-    restarts both workers, they resume from the step-2 checkpoint Ray hands back, and the weights at step 4
-    are those of the same run without the kill."""
-    monkeypatch.setenv("ISO3D_KILL_TRAIN_WORKER", "1:3")
+def kill_a_train_worker_once(run: Path, after: str, before: str) -> dict:
+    """From outside, as a node failure would: once `run/checkpoints/<after>` exists, SIGKILL one Ray Train
+    worker process (a descendant of this driver, so no other process of the machine is touched). Returns
+    what happened, filled in by a thread: the pid killed, and whether `before` did not exist yet (the
+    kill landed inside the run, not after it)."""
+    import psutil
+    seen = {}
+
+    def watch():
+        while not (run / "checkpoints" / after).exists():
+            if seen.get("stop"):
+                return
+            time.sleep(0.005)
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    seen["in_time"] = not (run / "checkpoints" / before).exists()
+                    proc.send_signal(signal.SIGKILL)
+                    seen["pid"] = proc.pid
+                    return
+            except psutil.Error:
+                continue
+    seen["thread"] = threading.Thread(target=watch, daemon=True)
+    seen["thread"].start()
+    return seen
+
+
+def test_a_killed_ray_train_worker_is_restarted_and_the_run_ends_as_an_unkilled_one(ray_run, two_objects, tmp_path):
+    """A Ray Train worker is SIGKILLed from outside once the step-2 checkpoint exists: Ray Train's
+    FailureConfig restarts both workers, they resume from the checkpoint Ray hands back (step 2, or step 0
+    when the kill came before the report), and the weights at step 4 are those of the run without the kill."""
     killed = tmp_path / "killed"
-    assert finetune_main([*RAY_RUN, "--data", str(two_objects), "--output", str(killed), "--max-failures", "1"]) == 0
-    assert (killed / "fault-injected.txt").read_text().startswith("rank 1 killed itself after step 3")
+    kill = kill_a_train_worker_once(killed, after="step-000002", before="step-000004")
+    try:
+        assert finetune_main([*RAY_RUN, "--data", str(two_objects), "--output", str(killed), "--max-failures", "1"]) == 0
+    finally:
+        kill["stop"] = True
+        kill["thread"].join()
+    assert kill.get("pid") and kill["in_time"], kill
     a, b = load_file(str(ray_run / WEIGHTS)), load_file(str(killed / WEIGHTS))
     assert a.keys() == b.keys()
     for k in a:
