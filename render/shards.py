@@ -9,7 +9,6 @@ settings key is complete and skipped on a rerun.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -141,12 +140,6 @@ class RenderRoot:
 
 # --------------------------------------------------------------------------- one object
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the parent dies, so a killed run leaves no Blender behind."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def clean_stale_scratch(tmp_root: str | None = None) -> int:
     """Remove this machine's render scratch folders whose task is gone (a killed task never runs its
     `finally`): a live task holds an flock on the folder's owner file until it ends."""
@@ -202,9 +195,11 @@ class BlenderWorker:
                "ISO3D_RENDER_ROOT": self.root_path, "PYTHONUNBUFFERED": "1"}
         control_r, control_w = os.pipe()
         # Output before the first job (Python and bpy start-up) goes to the log of the job that started it.
-        self.proc = subprocess.Popen([sys.executable, "-m", "render.worker", str(control_w)], stdin=subprocess.PIPE,
-                                     stdout=log, stderr=subprocess.STDOUT, pass_fds=(control_w,), env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        # No preexec_fn (unsafe in a child forked from a multi-threaded Ray actor): the worker sets its own
+        # death signal first thing, and exits if this process is already gone (render/worker.py).
+        self.proc = subprocess.Popen([sys.executable, "-m", "render.worker", str(control_w), str(os.getpid())],
+                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(control_w,),
+                                     env=env, start_new_session=True)
         os.close(control_w)
         self.control = os.fdopen(control_r, "r")
         self.objects, self.rss_first = 0, None
@@ -421,7 +416,7 @@ def render_all(root: RenderRoot, selected: list[tuple[ObjectRef, int]], cfg: Ren
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
             for handle, (ref, shard, attempt, t0, actor) in list(inflight.items()):
                 if handle not in done and t0 > 0 and time.time() - t0 > watchdog:
-                    ray.kill(actor)   # its Blender dies with it (PR_SET_PDEATHSIG)
+                    ray.kill(actor)   # its Blender dies with it (render/worker.py: die_with_parent)
                     inflight[handle] = (ref, shard, attempt, -1.0, actor)   # -1: killed by the watchdog
             for handle in done:
                 ref, shard, attempt, t0, actor = inflight.pop(handle)

@@ -1,14 +1,14 @@
 """A Blender worker process: renders the objects it is sent, one after another, each from a factory-empty
 scene. Started, fed, timed out and replaced by render/shards.py (`BlenderWorker`).
 
-    python -m render.worker CONTROL_FD < jobs     # one JSON job per line; one JSON result per line on CONTROL_FD
+    python -m render.worker CONTROL_FD [PARENT_PID] < jobs   # one JSON job per line; one JSON result per line on CONTROL_FD
 
 A job: {"input", "out_dir", "uid", "original_id", "source", "settings": RenderSettings fields, "device",
 "threads", "log", "extra_meta"}. Writes RGBA PNGs, cameras.json and meta.json into out_dir, then
 {"status": "ok", ...} or {"status": "failed", "reason", "error"} as one line on CONTROL_FD. While a job
 runs, the process's stdout and stderr (Blender's and Cycles' own output too) go to the job's log file.
 Failure reasons: unreadable, import_error, empty_scene (permanent); anything else is a crash.
-The process ends when its stdin closes.
+The process ends when its stdin closes, and is SIGKILLed when PARENT_PID (its supervisor) dies.
 """
 from __future__ import annotations
 
@@ -149,6 +149,18 @@ def redirect_output(fd: int) -> None:
     os.dup2(fd, 2)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), so a killed run leaves no Blender
+    behind; set here, after exec, rather than in a preexec_fn of the multi-threaded parent. A parent that died
+    before this line ran left us re-parented already: exit then."""
+    import signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL) != 0:   # PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def serve(control_fd: int) -> int:
     import render.scene  # noqa: F401  (bpy: part of the start-up, not of the first object)
     control = os.fdopen(control_fd, "w", buffering=1)
@@ -165,4 +177,6 @@ def serve(control_fd: int) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        die_with_parent(int(sys.argv[2]))
     sys.exit(serve(int(sys.argv[1])))

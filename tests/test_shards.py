@@ -93,3 +93,41 @@ def test_render_statistics_count_status_reasons_flags_and_rank_suspects():
     assert stats["flags"] == {"dark": 3, "unlit_black": 1} and stats["without_quality_figures"] == 1
     assert stats["flagged"] == 3 and [s["uid"] for s in stats["suspects"]] == ["c", "d"]   # most flags, then darkest
     assert stats["figures"]["mean_luminance"]["min"] == 0.001 and stats["figures"]["mean_luminance"]["max"] == 0.5
+
+
+PARENT = """
+import os, subprocess, sys, time
+r, w = os.pipe()
+child = subprocess.Popen([sys.executable, "-m", "render.worker", str(w), str(os.getpid())], pass_fds=(w,),
+                         stdin=int(sys.argv[1]), start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_blender_worker_dies_with_its_supervisor_and_refuses_an_orphaned_start():
+    """The worker sets its own death signal (no preexec_fn in the multi-threaded supervisor): SIGKILL of the
+    process that started it kills it too; started with a parent pid that is not its parent (the supervisor
+    died before the worker ran), it exits at once, before reading a job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import psutil
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    jobs_r, jobs_w = os.pipe()         # the worker's stdin, held open here: it cannot end by reading EOF
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(jobs_r)], stdout=subprocess.PIPE, cwd=root, text=True,
+                              pass_fds=(jobs_r,))
+    os.close(jobs_r)
+    worker = psutil.Process(int(parent.stdout.readline()))
+    assert worker.is_running() and worker.ppid() == parent.pid
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs([worker], timeout=60)
+    os.close(jobs_w)
+    assert not alive, "the worker outlived its supervisor"
+    r, w = os.pipe()
+    orphan = subprocess.run([sys.executable, "-m", "render.worker", str(w), str(os.getpid() + 10**6)], pass_fds=(w,),
+                            cwd=root, stdin=subprocess.DEVNULL, timeout=60)
+    os.close(r), os.close(w)
+    assert orphan.returncode == 1
