@@ -21,6 +21,13 @@ def complete_objects(out):
     return sorted(object_dirs(out)) if (out / "objects").exists() else []
 
 
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return "?"
+
+
 def kill_tree(procs):
     for p in procs:
         try:
@@ -32,7 +39,8 @@ def kill_tree(procs):
 def test_kill_mid_shard_then_rerun(tmp_path):
     """The property, independent of timing: whatever the killed run completed (before or after the kill:
     renders in flight may still finish and commit) is complete and never rendered again; the rest is
-    rendered once; nothing partial and no Blender is left."""
+    rendered once; nothing partial is left, and no process of the killed run: no Blender, and no Ray (its
+    local head shares the driver's fate; the rerun starts its own)."""
     out = tmp_path / "out"
     cmd = [sys.executable, SCRIPT, "--source", "demo", "--demo-count", "6", "--output", str(out), *SMALL]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -45,16 +53,21 @@ def test_kill_mid_shard_then_rerun(tmp_path):
         assert len(complete_objects(out)) >= 2, "the first run made no progress"
         assert render_worker_pids(out), "expected renders in flight at the moment of the kill"
         tree = psutil.Process(driver.pid).children(recursive=True) or tree
+        names = {p.pid: _name(p) for p in tree}
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
         deadline = time.time() + 60   # Blender dies with its parent (PR_SET_PDEATHSIG), not with a timeout
         while time.time() < deadline and render_worker_pids(out):
             time.sleep(0.2)
         assert render_worker_pids(out) == [], "a Blender process outlived the killed run"
+        # The local Ray head (GCS, raylet) shares the driver's fate: nothing for the next run to collide with.
+        head = [p for p in tree if names[p.pid] in ("gcs_server", "raylet")]
+        assert len(head) == 2 and not psutil.wait_procs(head, timeout=60)[1], "the killed driver's Ray head lives on"
+    except BaseException:
+        kill_tree(tree)
+        raise
     finally:
         driver.kill()
-        kill_tree(tree)   # Ray's own agents outlive a SIGKILLed driver
-        psutil.wait_procs(tree, timeout=60)
     # Only now is the killed run's work settled: count what it completed.
     done_before = {u: (object_dir(out, u) / "meta.json").stat().st_mtime_ns for u in complete_objects(out)}
     assert 2 <= len(done_before) < 6
@@ -74,6 +87,10 @@ def test_kill_mid_shard_then_rerun(tmp_path):
     assert oks == {uid: 1 for uid in complete_objects(out)}
     assert not [p for p in (out / "objects").glob("*/.*")], "partial folders left"
     assert render_worker_pids(out) == []
+    # Ray's dashboard and runtime-env agents notice their raylet is gone and exit (measured: within a minute).
+    alive = psutil.wait_procs(tree, timeout=120)[1]
+    kill_tree(alive)
+    assert not alive, f"processes of the killed run still alive: {[names[p.pid] for p in alive]}"
 
 
 def test_a_killed_task_leaves_no_scratch_behind(tmp_path):
