@@ -67,7 +67,11 @@ def filesystem_type(path: Path) -> str:
 
 
 def is_shared_filesystem(kind: str) -> bool:
-    return kind in SHARED_FILESYSTEMS or kind.startswith("fuse")
+    """A type of SHARED_FILESYSTEMS, a FUSE mount, or one the user names in $ISO3D_SHARED_FILESYSTEMS
+    (comma-separated /proc/mounts types: a site's own parallel filesystem, or a disk the user knows every
+    node mounts the same)."""
+    extra = {k.strip() for k in os.environ.get("ISO3D_SHARED_FILESYSTEMS", "").split(",") if k.strip()}
+    return kind in SHARED_FILESYSTEMS or kind in extra or kind.startswith("fuse")
 
 
 def require_shared_storage(paths: dict[str, Path], assume_shared: bool = False) -> None:
@@ -78,9 +82,10 @@ def require_shared_storage(paths: dict[str, Path], assume_shared: bool = False) 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2 or assume_shared:
         return
-    for name, path in paths.items():
-        kind = filesystem_type(path)
-        if not is_shared_filesystem(kind):
-            raise ValueError(f"{name} {path}: on a local filesystem ({kind}) but the Ray cluster has {len(nodes)} nodes, "
-                             f"whose workers all use it; put it on storage every node mounts (NFS, Lustre, a bucket "
-                             f"through FUSE), or pass --shared-storage if it is one")
+    local = [f"{name} {path} ({kind})" for name, path in paths.items()
+             if not is_shared_filesystem(kind := filesystem_type(path))]
+    if local:
+        raise ValueError(f"{', '.join(local)}: on a node-local filesystem but the Ray cluster has {len(nodes)} nodes, "
+                         f"whose workers all open {'it' if len(local) == 1 else 'them'}; put "
+                         f"{'it' if len(local) == 1 else 'them'} on storage every node mounts (NFS, Lustre, a bucket "
+                         f"through FUSE; $ISO3D_CACHE for converted checkpoints), or pass --shared-storage if it is one")

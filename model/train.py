@@ -331,15 +331,27 @@ def _ray_loop(config: dict) -> None:
                  rank=ctx.get_world_rank(), world=ctx.get_world_size(), ray_train=True, progress=False)
 
 
+def worker_paths(data_dir: Path, run_dir: Optional[Path], model_cfg: ModelConfig, init: Optional[str]) -> dict:
+    """Every path a Ray worker (training or prepare) opens, by the name the user knows it by."""
+    paths = {"--data": Path(data_dir), **({"--output": Path(run_dir)} if run_dir is not None else {})}
+    if init:
+        paths["--init (as converted or given)"] = Path(init)
+    if model_cfg.vae_path:
+        paths["model.vae_path"] = Path(model_cfg.vae_path)
+    if model_cfg.encoder.weights:
+        paths["model.encoder.weights"] = Path(model_cfg.encoder.weights)
+    return paths
+
+
 def connect_ray(address: Optional[str], num_workers: int, data_dir: Path, run_dir: Optional[Path],
-                shared_storage: bool = False) -> None:
-    """Join the cluster (or start a local Ray for num_workers) and check that a cluster of several nodes
-    can share data_dir and run_dir (None: no run directory, the prepare step alone); ValueError otherwise.
-    Idempotent: the CLI calls it before it writes."""
+                shared_storage: bool = False, model_cfg: Optional[ModelConfig] = None, init: Optional[str] = None) -> None:
+    """Join the cluster (or start a local Ray for num_workers) and check that every node of a cluster of
+    several can open what its workers will: data_dir, run_dir (None: the prepare step alone), the --init
+    checkpoint (a converted one lies in the node-local $ISO3D_CACHE unless that is shared) and the VAE and
+    encoder weights; ValueError otherwise. Idempotent: the CLI calls it before it writes."""
     from common.ray_local import init_ray, require_shared_storage
     init_ray(address, num_cpus=None if address else max(num_workers, os.cpu_count() or 1))
-    paths = {"--data": Path(data_dir), **({"--output": Path(run_dir)} if run_dir is not None else {})}
-    require_shared_storage(paths, assume_shared=shared_storage)
+    require_shared_storage(worker_paths(data_dir, run_dir, model_cfg or ModelConfig(), init), assume_shared=shared_storage)
 
 
 def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] = None, resume: Optional[str] = None,
@@ -356,7 +368,7 @@ def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, init: Optional[str] =
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = dataclasses.asdict(cfg)
     if num_workers:
-        connect_ray(address, num_workers, data_dir, run_dir, shared_storage)
+        connect_ray(address, num_workers, data_dir, run_dir, shared_storage, cfg.model, init)
     if prepare_data:
         stats = prepare(cfg.model, Path(data_dir), cfg.prepare, num_workers=num_workers, use_gpu=use_gpu).stats
         log.info("prepared data: %s", stats)

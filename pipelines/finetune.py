@@ -58,8 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=0, help="0: this process; N: Ray Train DDP workers")
     p.add_argument("--address", help="Ray cluster (default: a local Ray on 127.0.0.1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
-    p.add_argument("--shared-storage", action="store_true", help="on a multi-node cluster, --data and --output are "
-                   "on storage every node mounts (needed only where the filesystem type does not say so)")
+    p.add_argument("--shared-storage", action="store_true", help="on a multi-node cluster, every path the workers "
+                   "open (--data, --output, --init, model.vae_path, model.encoder.weights) is on storage every node "
+                   "mounts (needed only where the filesystem type does not say so; see also ISO3D_SHARED_FILESYSTEMS)")
     p.add_argument("--max-failures", type=int, default=3, help="Ray Train: worker failures survived (all workers "
                    "restart from the last checkpoint) before the run fails")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
     try:
         cfg, args.init = resolve(args)
         if args.num_workers:         # a multi-node cluster without shared storage is refused before anything is written
-            connect_ray(args.address, args.num_workers, args.data, args.output, args.shared_storage)
+            connect_ray(args.address, args.num_workers, args.data, args.output, args.shared_storage, cfg.model,
+                        args.init)
     except (ConfigError, ValueError, FileNotFoundError) as e:      # ConversionError is a ValueError
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
