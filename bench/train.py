@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.prepared import PreparedIndex, prepare, write_shard  # noqa: E402
+from dataset.prepared import PreparedIndex, write_shard  # noqa: E402
+from model.prepare import prepare  # noqa: E402
 from dataset.samples import MultiViewDataset, SampleConfig  # noqa: E402
 from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
 from model.train import Batches, TrainConfig  # noqa: E402

@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 
 from common.config import from_dict, stable_seed
-from dataset.prepared import PreparedIndex, PrepareConfig, prepare
+from dataset.prepared import PreparedIndex, PrepareConfig
 from dataset.samples import BranchBatchSampler, MultiViewDataset, SampleConfig, collate
 from dataset.views import RenderedObject
 from model import checkpoint
 from model.mvmodel import ModelConfig, MultiViewModel
+from model.prepare import load_index, prepare
 from render.layout import object_dir
 
 log = logging.getLogger("finetune")
@@ -202,7 +203,7 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     if init:
         checkpoint.load_model_weights(model, Path(init))
     model.to(device)
-    index = PreparedIndex.load(cfg.model, Path(data_dir), cfg.prepare)    # prepared by train() beforehand
+    index = load_index(cfg.model, Path(data_dir), cfg.prepare)    # prepared by train() beforehand
     objects = index.objects("train", cfg.val_percent, exclude=cfg.data.exclude_flags)
     if rank == 0:
         for uid, reason in index.broken.items():

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from common.atomic import atomic_write_text  # noqa: E402
 from common.config import ConfigError, load_config, save_config  # noqa: E402
 from model import checkpoint  # noqa: E402
-from dataset.prepared import prepare  # noqa: E402
+from model.prepare import prepare  # noqa: E402
 from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from model.train import TrainConfig, connect_ray, train  # noqa: E402
 

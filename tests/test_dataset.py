@@ -97,15 +97,17 @@ def test_batches_hold_one_branch_and_30_percent_are_single():
 
 
 def prepare_tiny(root, **kw):
-    from dataset.prepared import PrepareConfig, prepare
+    from dataset.prepared import PrepareConfig
+    from model.prepare import prepare
     from model.mvmodel import ModelConfig
     return prepare(ModelConfig.tiny(), root, PrepareConfig(**{"shard_size": 2, **kw}), progress=False)
 
 
-def test_prepare_encodes_once_then_only_new_and_rerendered_objects(render_copy):
+def test_prepare_encodes_once_then_only_new_and_rerendered_objects(render_copy, monkeypatch):
     """The prepared shards hold exactly what training would compute from the renders; a second prepare
-    does nothing; two new objects are the only ones a third prepare encodes; a re-rendered object (its
-    cameras.json and meta.json written anew) is encoded again; a broken one is recorded, not retried."""
+    does nothing; data prepared by code of another schema version is not reused; two new objects are the
+    only ones a third prepare encodes; a re-rendered object (its cameras.json and meta.json written anew)
+    is encoded again; a broken one is recorded, not retried."""
     import os
     from dataset.prepared import ALL_VIEWS
     objs, _ = scan(render_copy)
@@ -123,6 +125,11 @@ def test_prepare_encodes_once_then_only_new_and_rerendered_objects(render_copy):
     stamps = [p.stat().st_mtime_ns for p in shards]
     assert prepare_tiny(render_copy).stats["encoded"] == 0                      # second run: nothing to do
     assert [p.stat().st_mtime_ns for p in sorted(first.root.glob("shards/*.safetensors"))] == stamps
+    with monkeypatch.context() as m:                                             # code that stores other numbers
+        m.setattr("model.prepare.SCHEMA_VERSION", 99)
+        newer = prepare_tiny(render_copy)
+        assert newer.stats["encoded"] == 4 and newer.root != first.root
+        assert (newer.root / "identity.txt").read_text().startswith("schema=99|")
 
     for new, source in (("zz-new-a", objs[0]), ("zz-new-b", objs[1])):
         shutil.copytree(source.path, object_dir(render_copy, new))
@@ -161,7 +168,8 @@ def test_prepare_as_ray_tasks_writes_what_one_process_writes(ray_local, render_c
     from safetensors.torch import load_file
     shutil.copytree(render_copy / "objects", tmp_path / "other" / "objects")
     here = prepare_tiny(render_copy)
-    from dataset.prepared import PrepareConfig, prepare
+    from dataset.prepared import PrepareConfig
+    from model.prepare import prepare
     from model.mvmodel import ModelConfig
     there = prepare(ModelConfig.tiny(), tmp_path / "other", PrepareConfig(shard_size=2), num_workers=2, progress=False)
     assert there.stats == here.stats and there.entries == here.entries           # the same shards, by name

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dataset.samples import MultiViewDataset, SampleConfig, collate
 from model.mvmodel import ModelConfig, MultiViewModel
-from dataset.prepared import prepare
+from model.prepare import prepare
 from render.layout import object_dir, object_dirs
 from model.train import TrainConfig, train
 from pipelines.finetune import main as finetune_main

@@ -38,3 +38,24 @@ def test_a_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="chromium is not installed"):
         chromium_path()
+
+
+# The stages, in the order data flows through them: a package may import only those before it.
+FLOW = ["common", "render", "dataset", "model", "optimize3d", "pipelines"]
+
+
+def test_imports_follow_the_flow_of_the_stages():
+    """render -> dataset -> model -> optimize3d -> pipelines, every import at any depth of a module (lazy
+    ones inside functions too): a stage never reaches forward into one that consumes its output."""
+    import ast
+    backward = []
+    for stage, package in enumerate(FLOW):
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in FLOW and FLOW.index(top) > stage:
+                        backward.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not backward, backward

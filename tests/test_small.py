@@ -41,7 +41,8 @@ def small_weights(tmp_path_factory):
 def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))
     import finetune
-    from dataset.prepared import PreparedIndex, PrepareConfig, prepare
+    from dataset.prepared import PrepareConfig
+    from model.prepare import load_index, prepare
     from dataset.views import RenderedObject
     from model.mvmodel import load_vae, vae_encode
     from render.layout import object_dir
@@ -78,7 +79,7 @@ def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tm
         assert (ck1 / "vae").is_symlink()                       # the frozen VAE is linked, not copied
         model_cfg = checkpoint.model_config(ck1)
         # What training read: the VAE's posterior mean x 0.18215 of each view, prepared once.
-        index = PreparedIndex.load(model_cfg, data, PrepareConfig(**cfg["prepare"]))
+        index = load_index(model_cfg, data, PrepareConfig(**cfg["prepare"]))
         assert not prepare(model_cfg, data, PrepareConfig(**cfg["prepare"])).stats["encoded"]
         prepared = index.objects()[1]
         view = RenderedObject.open(object_dir(data, prepared.uid)).image("fixed", 2, 32)
