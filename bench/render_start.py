@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from render.layout import object_dir  # noqa: E402
 from render.settings import RenderSettings  # noqa: E402
-from render.shards import RenderRoot, plan, select  # noqa: E402
+from render.output import RenderRoot  # noqa: E402
+from render.scheduler import plan  # noqa: E402
+from render.shards import select  # noqa: E402
 from render.sources import list_objects, objaverse_annotations, resolve  # noqa: E402
 
 PER_FOLDER = 5000

@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from common.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from common.config import ConfigError, load_config, save_config  # noqa: E402
 from render.settings import RenderConfig  # noqa: E402
-from render.shards import RenderRoot, parse_shards, render_all, select  # noqa: E402
+from render.output import RenderRoot  # noqa: E402
+from render.scheduler import render_all  # noqa: E402
+from render.shards import parse_shards, select  # noqa: E402
 from render.sources import SourceError, list_objects  # noqa: E402
 
 

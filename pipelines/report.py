@@ -210,7 +210,7 @@ def write_render_report(root: Path, suspects_shown: int = 32) -> dict:
     from render.layout import object_dir
     from render.preview import grid, on_white
     from render.quality import render_statistics
-    from render.shards import RenderRoot
+    from render.output import RenderRoot
     root = Path(root).resolve()
     if not (root / "manifest.jsonl").is_file():
         raise FileNotFoundError(f"{root}: no manifest.jsonl (not a render output)")

@@ -1,5 +1,5 @@
 """A Blender worker process: renders the objects it is sent, one after another, each from a factory-empty
-scene. Started, fed, timed out and replaced by render/shards.py (`BlenderWorker`).
+scene. Started, fed, timed out and replaced by render/supervisor.py (`BlenderWorker`).
 
     python -m render.worker CONTROL_FD [PARENT_PID] < jobs   # one JSON job per line; one JSON result per line on CONTROL_FD
 

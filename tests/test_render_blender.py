@@ -14,7 +14,9 @@ from pipelines.render_objaverse import main as render_main
 from render import cameras
 from render.layout import bucket, object_dir
 from render.preview import on_white
-from render.shards import SCRATCH_PREFIX, BlenderWorker, RenderRoot, render_one
+from render.output import RenderRoot
+from render.scratch import SCRATCH_PREFIX
+from render.supervisor import BlenderWorker, render_one
 from render.sources import ObjectRef, sanitize_uid
 from tests.conftest import DATA, SMALL, render_worker_pids
 from tests.hostile import EXPECTED, make_hostile_set

@@ -97,7 +97,7 @@ def test_a_killed_task_leaves_no_scratch_behind(tmp_path):
     """A render task killed before its `finally` leaks its scratch folder; the next task on the machine
     removes it, and never a folder whose task is alive."""
     import fcntl
-    from render.shards import OWNER_FILE, SCRATCH_PREFIX, clean_stale_scratch
+    from render.scratch import OWNER_FILE, SCRATCH_PREFIX, clean_stale_scratch
     dead, alive = tmp_path / f"{SCRATCH_PREFIX}dead-1", tmp_path / f"{SCRATCH_PREFIX}alive-2"
     for d in (dead, alive):
         (d / "blender").mkdir(parents=True)

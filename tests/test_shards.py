@@ -38,7 +38,8 @@ def test_plan_reads_meta_json_only_for_folders_the_manifest_does_not_vouch_for(t
     objects, `done` (folder + ok line) is skipped without a read, `recovered` (a folder whose run was
     killed before its line) is read once and gets its line, `absent` and `stale` (other settings) render."""
     import json
-    from render.shards import RenderRoot, plan
+    from render.output import RenderRoot
+    from render.scheduler import plan
     from render.layout import object_dir
     root = RenderRoot(tmp_path)
     for uid, key in (("done", "k1"), ("recovered", "k1"), ("stale", "k0")):
