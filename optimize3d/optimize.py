@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from optimize3d.guidance import GuidanceConfig, MultiViewGuidance, linear_ramp
 from optimize3d.march import MarchConfig, new_occupancy_grid, update_grid
 from optimize3d.preprocess import PreprocessConfig
 from optimize3d.renderer import render_views
+from optimize3d.rundir import run_dir_name, run_directory
 from optimize3d.shading import draw_shading, light_positions
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender
 
@@ -292,35 +292,6 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-@contextlib.contextmanager
-def run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger, log_name: str):
-    """An output directory's life, for generate() and reconstruct(). Yields None when `final` is complete
-    with these export settings (the result is cached); else the directory to work in: `final` itself
-    when only the export settings changed (re-export in place), otherwise <final>.partial (resumed if a
-    killed run left it), renamed to `final` when the block completes. `logger` also writes to log_name
-    there for the duration."""
-    if final.is_dir():
-        done = json.loads((final / "export.json").read_text()) if (final / "export.json").is_file() else {}
-        if done.get("export_key") == config_hash(export_cfg):
-            yield None
-            return
-        work = final
-    else:
-        work = final.with_name(final.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(work / log_name)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield work
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-    if work is not final:
-        replace_dir(work, final)
-
-
 def record_step(work: Path, logger: logging.Logger, parts: dict, every: int, total: int) -> None:
     """Every `every` steps and at the last: the step's losses to losses.jsonl and the log."""
     done = parts["step"]
@@ -386,11 +357,6 @@ def output_key(image_sha: str, checkpoint_id: str, cfg: GenerateConfig) -> str:
     segmenter = settings["preprocess"]["segmenter"]           # the file's identity, not where it lies
     settings["preprocess"]["segmenter"] = file_digest(segmenter) if segmenter else ""
     return config_hash({"image": image_sha, "checkpoint": checkpoint_id, "settings": settings, "schema": SCHEMA_VERSION})
-
-
-def run_dir_name(image: Path, key: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image.stem)[:64].strip("._") or "image"
-    return f"{stem}-{key}"
 
 
 def export_outputs(nerf: Field, grid, cfg: GenerateConfig, work: Path) -> dict:

@@ -42,8 +42,9 @@ from optimize3d.export import Z_UP_TO_Y_UP, ExportConfig
 from optimize3d.field import FieldConfig
 from optimize3d.march import MarchConfig, camera_rays, step_size, update_grid
 from optimize3d.optimize import (build_field, deterministic_algorithms, export_outputs, latest_nerf, load_nerf,
-                                 record_step, resolve_device, run_dir_name, run_directory, save_nerf, to_image)
+                                 record_step, resolve_device, save_nerf, to_image)
 from optimize3d.renderer import render_rays, render_views
+from optimize3d.rundir import run_dir_name, run_directory
 from render.cameras import BLENDER_TO_OPENCV
 from render.preview import on_white
 

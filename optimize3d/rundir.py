@@ -1,0 +1,68 @@
+"""The output folder of one image-to-3D (or reconstruction) run: its name, its life from .partial to
+complete, and one process at a time per result.
+
+    with run_directory(out / run_dir_name(image, key), cfg.export, log, "generate.log") as work:
+        if work is None: ...            # complete already (cached)
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import re
+from pathlib import Path
+
+from common.atomic import replace_dir
+from common.config import config_hash
+from optimize3d.export import ExportConfig
+
+LOCK_SUFFIX = ".lock"
+
+
+def run_dir_name(image: Path, key: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image.stem)[:64].strip("._") or "image"
+    return f"{stem}-{key}"
+
+
+
+@contextlib.contextmanager
+def run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger, log_name: str):
+    """An output directory's life, for generate() and reconstruct(). Yields None when `final` is complete
+    with these export settings (the result is cached); else the directory to work in: `final` itself
+    when only the export settings changed (re-export in place), otherwise <final>.partial (resumed if a
+    killed run left it), renamed to `final` when the block completes. `logger` also writes to log_name
+    there for the duration. One process at a time: the block holds an flock on <final>.lock, and a second
+    process asking for the same result waits for it, then finds the result made (a killed holder's lock
+    is released by the kernel, and the next one resumes its .partial)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(final.name + LOCK_SUFFIX), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process making %s", final)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _run_directory(final, export_cfg, logger, log_name)
+
+
+def _run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger, log_name: str):
+    if final.is_dir():
+        done = json.loads((final / "export.json").read_text()) if (final / "export.json").is_file() else {}
+        if done.get("export_key") == config_hash(export_cfg):
+            yield None
+            return
+        work = final
+    else:
+        work = final.with_name(final.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(work / log_name)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield work
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    if work is not final:
+        replace_dir(work, final)
