@@ -18,7 +18,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     # cannot reach and waits forever.
     # Ray reads it when imported, so it is set before `import ray` (a driver that imported ray earlier
     # and joins 127.0.0.1 swaps in the eth0 address and never connects).
-    if not address or _is_loopback(address):
+    if not address or is_loopback(address):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if not address and "ray" not in sys.modules:
         # Ray 2.60 turns token authentication on for a new local cluster and warns on every run that it
@@ -36,7 +36,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
              log_to_driver=False, **kwargs)
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
     from urllib.parse import urlsplit
     host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")

@@ -5,6 +5,7 @@
     python pipelines/app.py --host 0.0.0.0                    # other machines may connect: only when you mean it
     python pipelines/app.py --steps 200 export.threshold=8    # settings for every request (generate.py's)
     python pipelines/app.py --segmenter u2net.onnx            # photos: a "remove background" box, on by default
+    python pipelines/app.py --host 0.0.0.0 --concurrency 2 --keep-results 500 --max-upload-mb 10
 
 Each request runs `pipelines/generate.py` in its own process with the same output folder and cache as
 the command line (default outputs/app/): a second request for the same image, checkpoint and settings
@@ -15,12 +16,22 @@ the object cut out when "remove background" is ticked, centred and scaled like t
 3D stage runs it shows the step, the losses and the field's latest validation views; then the 4 sampled views,
 the turntable, the mesh in a 3D viewer and a download of mesh.glb. A bad image is refused with generate.py's
 one-line message before any model is loaded; a photo that is not on white gets its warning.
+
+On a network (--host other than loopback) only the checkpoints offered at start are accepted (--checkpoints
+any allows a typed path, for a single-user machine). Two requests for the same result run it once (the
+second waits on the result's lock, optimize3d/rundir.py); a client that disconnects has its generate.py
+stopped (its .partial folder stays, and the next request for that picture resumes it). Uploads are limited
+in size, and the output folder keeps the newest --keep-results results (older ones, their inputs,
+previews and logs are deleted after each request).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +49,8 @@ from optimize3d.preprocess import PreprocessConfig, preprocess  # noqa: E402
 DEFAULT_OUTPUT = ROOT / "outputs" / "app"
 DEMO_RUN = ROOT / "outputs" / "demo-run"
 POLL_SECONDS = 1.0
+KEEP_RESULTS = 200
+MAX_UPLOAD_MB = 25
 
 
 def checkpoints(extra: list[Path]) -> list[str]:
@@ -47,6 +60,13 @@ def checkpoints(extra: list[Path]) -> list[str]:
         runs = sorted(DEMO_RUN.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
         found += [str(p) for p in runs if (p / "config.json").is_file() and str(p) not in found]
     return found
+
+
+def accepts_any_checkpoint(host: str, choice: str | None) -> bool:
+    """--checkpoints any|offered, by default any on loopback (the user's own machine) and offered otherwise:
+    a client on the network must not make the server open a path of its choosing."""
+    from common.ray_local import is_loopback
+    return (choice or ("any" if is_loopback(host) else "offered")) == "any"
 
 
 def save_upload(path: str, inputs: Path) -> Path:
@@ -74,22 +94,72 @@ def progress_of(output: Path, stem: str) -> tuple[str, str | None]:
 
 
 def run_generate(image: Path, checkpoint: str, output: Path, extra: list[str]):
-    """generate.py in its own process; yields (status, validation image) while it runs, then returns its
-    result dict (generate.py's JSON) or raises RuntimeError with its one-line error."""
+    """generate.py in its own process (and process group); yields (status, validation image) while it runs,
+    then returns its result dict (generate.py's JSON) or raises RuntimeError with its one-line error. Its
+    stdout and stderr go to files, never to a pipe that could fill. Closed before the end (the client
+    disconnected), it stops the process."""
     cmd = [sys.executable, str(ROOT / "pipelines" / "generate.py"), "--image", str(image), "--checkpoint", checkpoint,
            "--output", str(output), "--no-progress", *extra]
-    log = output / "logs" / f"{image.stem}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
+    logs = output / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{image.stem}.log"
+    result = logs / f"{image.stem}-{os.getpid()}-{time.monotonic_ns()}.json"
+    with open(log, "ab") as err, open(result, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, start_new_session=True)
+    try:
         while proc.poll() is None:
             yield progress_of(output, image.stem)
             time.sleep(POLL_SECONDS)
-        stdout = proc.stdout.read().decode()
+        stdout = result.read_text()
+    finally:
+        if proc.poll() is None:
+            print(f"app.py: a client went away: stopping generate.py (pid {proc.pid}) for {image.name}", file=sys.stderr,
+                  flush=True)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        result.unlink(missing_ok=True)
     if proc.returncode != 0:
         lines = [line for line in log.read_text(errors="replace").splitlines() if "error:" in line]
         raise RuntimeError(lines[-1].split("error:", 1)[1].strip() if lines else f"generate.py failed (log {log})")
     return json.loads(stdout)
+
+
+def _lock_is_free(lock: Path) -> bool:
+    try:
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
+        return False
+
+
+def evict(output: Path, keep: int) -> list[str]:
+    """Keep the newest `keep` results of the app's output folder (complete ones, and .partial ones no process
+    is working on); delete the older ones, then the inputs, previews and logs that no remaining result uses,
+    beyond the newest `keep` of each, and CLIP embeddings beyond the newest `keep` (recomputed if needed).
+    A result whose lock a generate.py holds is never touched. Returns what went, relative to `output`."""
+    def lock_of(run: Path) -> Path:
+        return output / (run.name.removesuffix(".partial") + ".lock")
+    runs = [d for d in output.iterdir() if d.is_dir() and ((d / "export.json").is_file() or d.name.endswith(".partial"))]
+    runs = sorted((d for d in runs if _lock_is_free(lock_of(d))), key=lambda d: d.stat().st_mtime, reverse=True)
+    gone = []
+    for d in runs[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+        lock_of(d).unlink(missing_ok=True)
+        gone.append(d.name)
+    used = {d.name.split("-", 1)[0] for d in output.iterdir() if d.is_dir()}
+    for folder, needs_use in (("inputs", True), ("previews", True), ("logs", True), ("cache/clip", False)):
+        files = sorted((output / folder).glob("*"), key=lambda f: f.stat().st_mtime, reverse=True) \
+            if (output / folder).is_dir() else []
+        for f in files[keep:]:
+            if not needs_use or f.name.split("-", 1)[0].split(".", 1)[0] not in used:
+                f.unlink(missing_ok=True)
+                gone.append(f"{folder}/{f.name}")
+    return gone
 
 
 def preprocess_settings(extra: list[str], segmenter: Path | None) -> PreprocessConfig:
@@ -111,7 +181,8 @@ def preview_input(upload: Path, cfg: PreprocessConfig, previews: Path) -> tuple[
     return path, warnings
 
 
-def handle_request(upload, checkpoint, remove_background: bool, output: Path, settings: PreprocessConfig, extra: list[str]):
+def handle_request(upload, checkpoint, remove_background: bool, output: Path, settings: PreprocessConfig, extra: list[str],
+                   keep: int = KEEP_RESULTS):
     """One press of Generate. Yields the page's (status, input as the model sees it, validation views, sampled
     views, turntable, result, download): first the preprocessed input alone, before generate.py starts."""
     import gradio as gr
@@ -138,6 +209,9 @@ def handle_request(upload, checkpoint, remove_background: bool, output: Path, se
         result = done.value
     except RuntimeError as e:
         raise gr.Error(str(e))
+    finally:
+        runs.close()                # the client went away (Gradio closes this generator): generate.py is stopped
+    evict(output, keep)
     run = Path(result["output"])
     turntable = next(run.glob("turntable.*"), None)
     status = f"{'cached' if result['status'] == 'cached' else 'done'}: {run}"
@@ -145,26 +219,29 @@ def handle_request(upload, checkpoint, remove_background: bool, output: Path, se
            None if turntable is None else str(turntable), str(run / "mesh.glb"), str(run / "mesh.glb"))
 
 
-def build_app(output: Path, offered: list[str], extra: list[str], segmenter: Path | None = None):
+def build_app(output: Path, offered: list[str], extra: list[str], segmenter: Path | None = None,
+              any_checkpoint: bool = True, concurrency: int = 1, keep: int = KEEP_RESULTS):
     import gradio as gr
     settings = preprocess_settings(extra, segmenter)
 
     def generate(upload, checkpoint, remove_background):
-        yield from handle_request(upload, checkpoint, remove_background, output, settings, extra)
+        yield from handle_request(upload, checkpoint, remove_background, output, settings, extra, keep)
 
     def show_mesh(path):
         # The viewer gets its value once, from a plain (non-generator) event: Gradio 6.31's Model3D, set by a
         # generator's last yield, receives it twice and never mounts its 3D canvas.
         return path
 
-    with gr.Blocks(title="iso3d: image to 3D", analytics_enabled=False) as app:
+    # Gradio's own copies of uploads and outputs: deleted hourly once a day old.
+    with gr.Blocks(title="iso3d: image to 3D", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown("# iso3d: image to 3D\nDrop an image of one object (RGBA, on a plain white background, or a photo "
                     "with 'remove background' ticked), pick a checkpoint, press Generate.")
         with gr.Row():
             with gr.Column():
                 upload = gr.Image(type="filepath", label="input image", image_mode=None, elem_id="input-image",
                                   height=256)
-                checkpoint = gr.Dropdown(offered, value=offered[0] if offered else None, allow_custom_value=True,
+                # Without allow_custom_value, Gradio refuses on the server any value not among the choices.
+                checkpoint = gr.Dropdown(offered, value=offered[0] if offered else None, allow_custom_value=any_checkpoint,
                                          label="checkpoint (a checkpoint or run directory)", elem_id="checkpoint")
                 remove = gr.Checkbox(value=bool(settings.segmenter), interactive=bool(settings.segmenter),
                                      label="remove background" + (f" ({Path(settings.segmenter).name})" if settings.segmenter
@@ -182,7 +259,8 @@ def build_app(output: Path, offered: list[str], extra: list[str], segmenter: Pat
                 mesh = gr.Model3D(label="mesh", elem_id="mesh", clear_color=(1.0, 1.0, 1.0, 1.0), height=400)
                 download = gr.File(label="download mesh.glb", interactive=False, elem_id="download")
         result = gr.State()
-        button.click(generate, [upload, checkpoint, remove], [status, seen, validation, views, turntable, result, download]) \
+        button.click(generate, [upload, checkpoint, remove], [status, seen, validation, views, turntable, result, download],
+                     concurrency_limit=concurrency, api_name="generate") \
               .then(show_mesh, [result], [mesh])
     return app
 
@@ -195,6 +273,13 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results and cache (default: outputs/app)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--checkpoints", choices=["offered", "any"], help="offered: only the checkpoints offered at start "
+                   "are accepted; any: also a path typed into the page (default: any on loopback, offered otherwise)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests generating at once (each its own generate.py; "
+                   "the others wait in Gradio's queue; default 1)")
+    p.add_argument("--keep-results", type=int, default=KEEP_RESULTS, help="results kept in --output, newest first; "
+                   f"older ones are deleted with their inputs, previews and logs (default {KEEP_RESULTS})")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help=f"largest upload accepted (default {MAX_UPLOAD_MB})")
     p.add_argument("--steps", type=int, help="generate.py --steps for every request")
     p.add_argument("--segmenter", type=Path, help="a local ONNX segmenter for rembg (e.g. u2net.onnx): the page's "
                    "'remove background' box, ticked by default")
@@ -204,6 +289,10 @@ def main(argv=None) -> int:
         if not ck.is_dir():
             print(f"app.py: error: --checkpoint {ck}: not a directory", file=sys.stderr)
             return 2
+    if args.concurrency < 1 or args.keep_results < 1 or args.max_upload_mb <= 0:
+        print("app.py: error: --concurrency and --keep-results: at least 1; --max-upload-mb: above 0", file=sys.stderr)
+        return 2
+    any_checkpoint = accepts_any_checkpoint(args.host, args.checkpoints)
     extra = (["--steps", str(args.steps)] if args.steps else []) + args.overrides
     segmenter = None if args.segmenter is None else args.segmenter.resolve()
     try:
@@ -215,9 +304,9 @@ def main(argv=None) -> int:
     if not offered:
         print("app.py: no checkpoint found (give --checkpoint, or run `make demo`); one can be typed in the page",
               file=sys.stderr)
-    app = build_app(args.output.resolve(), offered, extra, segmenter)
+    app = build_app(args.output.resolve(), offered, extra, segmenter, any_checkpoint, args.concurrency, args.keep_results)
     app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
-                       allowed_paths=[str(args.output.resolve())])
+                       allowed_paths=[str(args.output.resolve())], max_file_size=int(args.max_upload_mb * 2**20))
     return 0
 
 

@@ -34,8 +34,10 @@ def app(tiny_checkpoint, tmp_path_factory):
     segmenter = colour_segmenter(out / "segmenter.onnx")
     port = free_port()
     log = open(out / "app.log", "wb")
+    # Two requests at once (so that two of the same picture meet), only the offered checkpoint, uploads up to 1 MB.
     proc = subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "app.py"), "--checkpoint", str(tiny_checkpoint),
-                             "--output", str(out / "results"), "--port", str(port), "--segmenter", str(segmenter), *SETTINGS],
+                             "--output", str(out / "results"), "--port", str(port), "--segmenter", str(segmenter),
+                             "--concurrency", "2", "--checkpoints", "offered", "--max-upload-mb", "1", *SETTINGS],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180                   # a readiness wait, not a timing assertion
@@ -47,7 +49,8 @@ def app(tiny_checkpoint, tmp_path_factory):
         except OSError:
             assert time.time() < deadline, "the app did not answer within 180 s"
             time.sleep(0.5)
-    yield {"url": url, "out": out, "pid": proc.pid, "chromium": chromium, "segmenter": segmenter}
+    yield {"url": url, "out": out, "pid": proc.pid, "chromium": chromium, "segmenter": segmenter,
+           "checkpoint": str(tiny_checkpoint)}
     os.killpg(proc.pid, 9)
     proc.wait()
     log.close()
@@ -129,3 +132,77 @@ def test_a_photo_is_cut_out_and_shown_as_the_model_sees_it(app, browser, tmp_pat
                              PreprocessConfig(remove_background=True, segmenter=str(app["segmenter"])), "photo.jpg")
     seen = np.asarray(Image.open(run.parent / "input.png"))
     assert np.array_equal(seen, np.asarray(expected))                  # the CLI's step, the CLI's result
+
+
+# One request as a separate client process (gradio_client), printing each update of the page's status box.
+CLIENT = """
+import sys
+from gradio_client import Client, handle_file
+url, image, checkpoint = sys.argv[1:4]
+job = Client(url, verbose=False).submit(handle_file(image), checkpoint, False, api_name="/generate")
+try:
+    for out in job:
+        print("STATUS", out[0], flush=True)
+    print("END", job.outputs()[-1][0], flush=True)
+except Exception as e:
+    print("ERROR", str(e).replace(chr(10), " "), flush=True)
+"""
+
+
+def request(app, image, disconnect: bool) -> str:
+    """One client's request; `disconnect`: SIGKILL the client (its connections drop, as a closed tab's do) at
+    its first update after the preprocessed input, i.e. while its generate.py runs or waits."""
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, app["url"], str(image), app["checkpoint"]],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    last = ""
+    for line in proc.stdout:
+        last = line.strip()
+        if disconnect and last.startswith("STATUS") and not last.startswith("STATUS preprocessed"):
+            proc.kill()
+            break
+    proc.wait(timeout=600)
+    return "DISCONNECTED" if disconnect and proc.returncode < 0 else last
+
+
+def test_soak_12_requests_4_clients_some_disconnecting_some_repeating(app, rendered_demo):
+    """12 requests for 3 pictures from 4 concurrent clients (the app generates 2 at once), 3 of them
+    disconnecting mid-run: every staying request gets its picture's one result, each picture is made
+    once (repeats wait on its lock, then find it, or resume a disconnected run's .partial), and no
+    generate.py and no .partial folder is left."""
+    import psutil
+    from concurrent.futures import ThreadPoolExecutor
+    from optimize3d.inputs import image_digest
+    pictures = [object_dir(rendered_demo, uid) / "fixed" / "004.png"
+                for uid in ("demo2-0-001-sphere", "demo2-0-002-cylinder", "demo2-0-003-cone")]
+    plan = [(pictures[i % 3], i in (0, 4, 8)) for i in range(12)]     # each picture: 1 disconnecting, 3 staying
+    with ThreadPoolExecutor(4) as clients:
+        outcomes = list(clients.map(lambda job: request(app, *job), plan))
+    for (picture, disconnect), outcome in zip(plan, outcomes):
+        assert outcome == "DISCONNECTED" if disconnect else outcome.startswith(("END done:", "END cached:")), outcome
+    results = app["out"] / "results"
+    for picture in pictures:
+        made = {o.split(": ", 1)[1] for (p, d), o in zip(plan, outcomes) if p == picture and o.startswith("END")}
+        stem = image_digest(picture)[:16]
+        assert len(made) == 1 and [str(d) for d in results.glob(f"{stem}-*") if d.is_dir()] == list(made), made
+    app_process = psutil.Process(app["pid"])
+    generating = [p for p in app_process.children(recursive=True) if "generate.py" in " ".join(p.cmdline())]
+    assert not psutil.wait_procs(generating, timeout=90)[1], "a disconnected client's generate.py is still running"
+    assert not list(results.glob("*.partial"))
+    assert "a client went away: stopping generate.py" in (app["out"] / "app.log").read_text()
+
+
+def test_only_the_offered_checkpoints_and_uploads_up_to_the_limit_are_accepted(app, rendered_demo, tmp_path):
+    import httpx
+    from gradio_client import Client, handle_file
+    image = object_dir(rendered_demo, "demo2-0-000-box") / "fixed" / "000.png"
+    client = Client(app["url"], verbose=False)
+    with pytest.raises(Exception, match="is not in the list of choices"):      # refused by the server, not the page
+        client.predict(handle_file(str(image)), str(tmp_path), False, api_name="/generate")
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), np.uint8)).save(big)
+    assert big.stat().st_size > 1 << 20
+    with open(big, "rb") as f:
+        r = httpx.post(urllib.parse.urljoin(app["url"], "gradio_api/upload"), files={"files": f}, timeout=60)
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+    assert not list((app["out"] / "results" / "inputs").glob("*")) or \
+        all(p.stat().st_size < 1 << 20 for p in (app["out"] / "results" / "inputs").iterdir())
