@@ -13,6 +13,12 @@
    per ray, 4 views) at 64 and 256 px, albedo and shaded phases: steps/s, field samples per step, peak
    memory and the bytes per field sample that peak implies. An out-of-memory is a result, recorded.
    The field is the initial blob throughout (learning rate 0, every step's work still done).
+4. The render stage with Cycles on the GPU (OptiX, then CUDA) on the four shared GLBs (tests/data/glb) at the
+   default settings (256 px, 32 views): seconds per view and the worst view's PSNR against a 1,024-sample
+   undenoised reference on the same device (bench/render.py's curve), and objects per hour per GPU through
+   the pipeline with persistent Blender workers (1 worker with the whole GPU, 2 sharing it), against the
+   goal of all of Objaverse (800k objects) in a day on 32 GPUs: <= 3.4 s per object per GPU. --no-render
+   skips it.
 """
 from __future__ import annotations
 
@@ -246,6 +252,50 @@ def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduce
     return out
 
 
+OBJAVERSE_OBJECTS, GOAL_GPUS, GOAL_SECONDS = 800_000, 32, 86_400
+
+
+def bench_render(reduced: bool) -> dict:
+    """Section 4: per Cycles device, the curve's default row and the pipeline's objects per hour (bench/render.py)."""
+    import importlib.util
+    import os
+    import tempfile
+    from render.settings import RenderSettings
+    spec = importlib.util.spec_from_file_location("render_bench", Path(__file__).parent / "render.py")
+    render_bench = importlib.util.module_from_spec(spec)     # bench/render.py (its name is the render package's)
+    spec.loader.exec_module(render_bench)
+    settings = RenderSettings()
+    objects = sorted(render_bench.ASSETS.glob("*.glb"))
+    reference, devices, layouts = 1024, ["optix", "cuda"], [(1, 1.0), (2, 0.5)]
+    if reduced:                    # the same code on the CPU, at smoke size
+        settings.resolution, settings.samples, settings.denoiser = 32, 2, "none"
+        objects, reference, devices, layouts = objects[:1], 4, ["cpu"], [(1, 0.0)]
+    level = {k: getattr(settings, k) for k in render_bench.TUNED}
+    out = {"resolution": settings.resolution, "default": level, "reference_samples": reference,
+           "objects": [o.name for o in objects], "goal_seconds_per_object_per_gpu": GOAL_GPUS * GOAL_SECONDS / OBJAVERSE_OBJECTS}
+    overrides = [f"settings.{k}={v}" for k, v in level.items()] + [f"settings.resolution={settings.resolution}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for obj in objects:
+            os.symlink(obj, Path(tmp) / obj.name)
+        for device in devices:
+            row: dict = {}
+            try:
+                (row["curve"],) = render_bench.curve(objects, settings.resolution, reference, [level], device)
+                row["pipeline"] = []
+                for workers, gpus in layouts:
+                    run = render_bench.pipeline(tmp, workers, 2, 100, overrides + [f"device={device}", f"gpus_per_task={gpus}"])
+                    run["gpus_per_worker"] = gpus
+                    run["seconds_per_object_per_gpu"] = run["render_seconds"] / max(1, run["objects"]) * (workers * gpus or 1)
+                    row["pipeline"].append(run)
+                best = min(r["seconds_per_object_per_gpu"] for r in row["pipeline"])
+                row["objaverse_days_on_32_gpus"] = round(best * OBJAVERSE_OBJECTS / GOAL_GPUS / GOAL_SECONDS, 2)
+            except Exception as e:        # a device Cycles cannot use here is a result, recorded
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+            out[device] = row
+            print(json.dumps({"render": {device: row}}), flush=True)
+    return out
+
+
 def git_commit() -> str | None:
     import subprocess
     try:
@@ -262,6 +312,7 @@ def main() -> None:
     p.add_argument("--marcher", default="torch", choices=["torch", "nerfacc", "auto"],
                    help="3D stage: torch (default: pure torch, nothing to compile) or nerfacc (CUDA; compiles its "
                         "extension on first use unless a prebuilt nerfacc is installed)")
+    p.add_argument("--no-render", action="store_true", help="skip section 4 (Cycles on the GPU)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: bench/results/gpu-<gpu name>.json on a GPU, none on a CPU)")
     args = p.parse_args()
@@ -286,6 +337,11 @@ def main() -> None:
     print(json.dumps({"sampling": result["sampling"]}), flush=True)
     sizes = [16, 32] if args.reduced else [64, 256]
     result["generate_3d"] = bench_3d(model, device, sizes, 2 if args.reduced else 3, args.reduced, args.marcher)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()       # Cycles gets the GPU's memory
+    if not args.no_render:
+        result["render"] = bench_render(args.reduced)
     result["seconds_total"] = round(time.time() - t0, 1)
     if time.time() - t0 > TIME_BUDGET_S:
         result["warning"] = f"took {time.time() - t0:.0f} s, over the {TIME_BUDGET_S} s budget"

@@ -49,13 +49,14 @@ import bpy
 from pathlib import Path
 from render import cameras, scene
 src, out, res, reference_spp, levels, hdri = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6])
+device = sys.argv[7]
 scene.reset(); scene.import_object(Path(src)); scene.normalise()
 scene.setup_world(scene.bundled_hdris()[hdri], 40.0, 1.0)
 cam = scene.add_camera(35.0, 32.0)
 views = [(45.0, 20.0), (200.0, 35.0)]
 def render(level, tag):
     for samples in (1, level["samples"]):   # a 1-sample view first: scene sync, BVH, kernels
-        scene.setup_render(res, samples, level["denoiser"], "cpu", 0, level.get("adaptive_threshold", 0.0),
+        scene.setup_render(res, samples, level["denoiser"], device, 0, level.get("adaptive_threshold", 0.0),
                            level.get("min_samples", 0))
         if level.get("light_paths") == "syncdreamer":
             c = bpy.context.scene.cycles
@@ -114,8 +115,9 @@ def breakdown(obj, resolution, samples, denoiser):
     return json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("BREAKDOWN"))[9:])
 
 
-def curve(objects, resolution, reference_spp, levels):
-    """One row per level: mean seconds per view over the objects, the worst view's PSNR, each object's worst."""
+def curve(objects, resolution, reference_spp, levels, device="cpu"):
+    """One row per level: mean seconds per view over the objects, the worst view's PSNR, each object's worst
+    (against the undenoised reference_spp render on the same Cycles device)."""
     import numpy as np
     from PIL import Image
 
@@ -132,7 +134,9 @@ def curve(objects, resolution, reference_spp, levels):
             out.mkdir()
             hdri = (2 * i + 1) % 8   # each object under another of Blender's 8 HDRIs: courtyard, interior, studio, sunset
             run = subprocess.run([sys.executable, "-c", CURVE_SCRIPT, str(obj), str(out), str(resolution), str(reference_spp),
-                                  json.dumps(levels), str(hdri)], capture_output=True, text=True, cwd=ROOT, check=True)
+                                  json.dumps(levels), str(hdri), device], capture_output=True, text=True, cwd=ROOT)
+            if run.returncode != 0:
+                raise RuntimeError(f"{obj.name} on {device}: {run.stderr.strip().splitlines()[-1:] or run.returncode}")
             ref, *rows = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("CURVE"))[5:])
             for row in rows:
                 row["psnr"] = [psnr(load(a), load(b)) for a, b in zip(row.pop("views"), ref["views"])]
@@ -154,7 +158,9 @@ def pipeline(objects_dir, workers, threads, objects_per_worker, overrides):
                "--output", tmp, "--num-workers", str(workers), "--no-progress", f"cpus_per_task={threads}",
                f"objects_per_worker={objects_per_worker}", *overrides]
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"render_objaverse.py {' '.join(overrides)}: {run.stderr.strip().splitlines()[-1:]}")
         wall = time.perf_counter() - t
         summary = json.loads(next(Path(tmp, "runs").glob("*/summary.json")).read_text())
         per_object = [json.loads(line)["seconds"] for line in Path(tmp, "manifest.jsonl").read_text().splitlines()]

@@ -25,6 +25,12 @@ def test_gpu_bench_reduced_runs_every_section(tmp_path):
         assert row["field_samples_per_step"] > 0, key             # the field is the blob, in view
         assert row["steps_per_s"] > 0
     assert set(result["generate_3d"]["32px_shaded"]["modes"]) <= {"albedo", "lambertian", "textureless"}
+    render = result["render"]["cpu"]                              # section 4 at smoke size, on the CPU's Cycles
+    assert "error" not in render, render
+    assert render["curve"]["seconds_per_view"] > 0 and 10 < render["curve"]["psnr_min_db"] < 80
+    (run,) = render["pipeline"]
+    assert run["objects"] == 1 and run["failed"] == 0 and run["blender_processes"] == 1
+    assert render["objaverse_days_on_32_gpus"] > 0
 
 
 def test_gpu_bench_full_size_on_a_cpu_says_so():

@@ -126,7 +126,7 @@ def test_generate_with_a_photo_sees_the_cut_out_object(photo, segmenter, tiny_ch
                                          "--remove-background", "--segmenter", segmenter, *TOY], capsys)
     assert code == 0, err
     assert "warning" not in err
-    (run,) = [p for p in out.iterdir() if p.name.startswith("photo-")]
+    (run,) = [p for p in out.iterdir() if p.name.startswith("photo-") and p.is_dir()]   # (and its .lock)
     seen = Image.open(run / "input.png")
     assert seen.mode == "RGBA" and seen.size == (256, 256)
     assert abs(alpha_fill(seen) - 0.8) <= 2 / 256
