@@ -38,7 +38,9 @@ from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
 from optimize3d.field import Field, FieldConfig  # noqa: E402
 from optimize3d.guidance import MultiViewGuidance  # noqa: E402
 from optimize3d.march import MarchConfig, camera_rays, march, new_occupancy_grid, update_grid  # noqa: E402
-from optimize3d.optimize import GenerateConfig, build_field, sample_cameras  # noqa: E402
+from optimize3d.cameras import sample_cameras  # noqa: E402
+from optimize3d.config import GenerateConfig  # noqa: E402
+from optimize3d.optimize import build_field  # noqa: E402
 from optimize3d.renderer import render_views  # noqa: E402
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender  # noqa: E402
 

@@ -41,7 +41,8 @@ from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
 from model.unet import UNetConfig  # noqa: E402
 from optimize3d.guidance import MultiViewGuidance  # noqa: E402
-from optimize3d.optimize import GenerateConfig, Precision, build_field, resolve_device, sds_step  # noqa: E402
+from optimize3d.config import GenerateConfig, Precision  # noqa: E402
+from optimize3d.optimize import build_field, resolve_device, sds_step  # noqa: E402
 from render.cameras import DISTANCE, c2w_blender  # noqa: E402
 
 VIEWS = 4

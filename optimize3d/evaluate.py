@@ -115,7 +115,9 @@ def load_mesh(path: Path) -> trimesh.Trimesh:
 def render_fixed_views(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The run's NeRF at the 16 fixed-set cameras -> rgb [16, H, W, 3], opacity [16, H, W]."""
     from common.config import load_config
-    from optimize3d.optimize import GenerateConfig, build_field, latest_nerf, load_nerf
+    from optimize3d.config import GenerateConfig
+    from optimize3d.fieldstate import latest_nerf, load_nerf
+    from optimize3d.optimize import build_field
     from optimize3d.renderer import render_views
     from render.cameras import DISTANCE, FOV_DEG, c2w_blender, fixed_angles
     cfg = load_config(GenerateConfig, run_dir / "config.yaml")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import trimesh
 
-from common.atomic import atomic_path, atomic_write_bytes
+from common.atomic import atomic_path, atomic_write_bytes, atomic_write_json
+from common.config import config_hash
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender
 
 Z_UP_TO_Y_UP = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
@@ -121,3 +122,20 @@ def save_turntable(frames: list[np.ndarray], path: Path, fps: int = 12) -> None:
             iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=int(1000 / fps), loop=0)
         else:
             iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps)
+
+
+def export_outputs(nerf, grid, march_cfg, cfg: ExportConfig, work: Path) -> dict:
+    """mesh.glb (+ cfg.format), the turntable and export.json (what a rerun compares to re-export or not)."""
+    mesh = extract_mesh(nerf, cfg)
+    formats = {"glb", cfg.format}          # mesh.glb always (browsers, report.html), plus the one asked for
+    for fmt in formats:
+        save_mesh(mesh, work / f"mesh.{fmt}")
+    for stale in work.glob("mesh.*"):              # a format asked for by an earlier export
+        if stale.suffix.lstrip(".") not in formats:
+            stale.unlink()
+    frames = turntable_frames(nerf, grid, march_cfg, cfg)
+    save_turntable(frames, work / f"turntable.{cfg.turntable_format}")
+    info = {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
+            "watertight": bool(mesh.is_watertight), "export_key": config_hash(cfg)}
+    atomic_write_json(work / "export.json", info)
+    return info

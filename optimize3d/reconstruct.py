@@ -41,8 +41,9 @@ from optimize3d.evaluate import mask_iou, psnr, volume_iou
 from optimize3d.export import Z_UP_TO_Y_UP, ExportConfig
 from optimize3d.field import FieldConfig
 from optimize3d.march import MarchConfig, camera_rays, step_size, update_grid
-from optimize3d.optimize import (build_field, deterministic_algorithms, export_outputs, latest_nerf, load_nerf,
-                                 record_step, resolve_device, save_nerf, to_image)
+from optimize3d.export import export_outputs
+from optimize3d.fieldstate import latest_nerf, load_nerf, save_nerf
+from optimize3d.optimize import build_field, deterministic_algorithms, record_step, resolve_device, to_image
 from optimize3d.renderer import render_rays, render_views
 from optimize3d.rundir import run_dir_name, run_directory
 from render.cameras import BLENDER_TO_OPENCV
@@ -333,7 +334,7 @@ def reconstruct(folder: Path, out_root: Path, cfg: ReconstructConfig, cmd: str =
                     if parts["step"] % cfg.ckpt_every == 0 or parts["step"] == cfg.steps:
                         save_nerf(work / "nerf", parts["step"], nerf, grid, opt)
             save_validation(nerf, grid, folder, cfg, work / "validation.png")
-        info = export_outputs(nerf, grid, cfg, work)
+        info = export_outputs(nerf, grid, cfg.march, cfg.export, work)
         metrics = {"views": evaluate_sets(nerf, grid, folder, cfg)}
         truth = source_mesh(folder)
         if truth is not None:

@@ -102,7 +102,7 @@ def check_settings(cfg: DemoConfig) -> None:
     """Each stage's overrides resolved as its script will resolve them: a bad setting stops the demo
     before anything is run or written."""
     from model.train import TrainConfig
-    from optimize3d.optimize import GenerateConfig
+    from optimize3d.config import GenerateConfig
     for no, tcfg in ((1, cfg.stage1), (2, cfg.stage2)):
         load_config(TrainConfig, None, [f"stage={no}", f"max_steps={tcfg.max_steps}", f"val_percent={cfg.val_percent}",
                                         *tcfg.overrides], base=TrainConfig.tiny(no)).validate()

@@ -16,7 +16,7 @@ nerf/ (resumable), validation/, mesh.glb, turntable.gif, generate.log, losses.js
 A rerun with the same image, checkpoint and settings reuses the result; a killed run resumes.
 --images runs one Ray task per image (local Ray on 127.0.0.1, or the cluster given by --address).
 --config auto picks tiny (a model of at most 64 px: the tiny and small presets) or sd21 from the
-checkpoint's model. Extra `key.sub=value` arguments override GenerateConfig fields (optimize3d/optimize.py),
+checkpoint's model. Extra `key.sub=value` arguments override GenerateConfig fields (optimize3d/config.py),
 e.g. export.threshold=8 or export.format=obj.
 --views fits the same field, marcher, renderer and export to posed RGBA views by a photometric loss
 (optimize3d/reconstruct.py; overrides are ReconstructConfig fields, --config auto = tiny on a CPU, sd21
@@ -36,7 +36,9 @@ from common.config import ConfigError, load_config  # noqa: E402
 from model.convert import as_checkpoint_dir, is_raw_checkpoint  # noqa: E402
 from optimize3d.export import EmptyMeshError  # noqa: E402
 from optimize3d.inputs import FORMATS, InputImageError, load_input_image  # noqa: E402
-from optimize3d.optimize import GenerateConfig, generate, resolve_device  # noqa: E402
+from optimize3d.config import GenerateConfig  # noqa: E402
+from optimize3d.image_to_3d import generate  # noqa: E402
+from optimize3d.optimize import resolve_device  # noqa: E402
 from optimize3d.preprocess import input_warnings, load_segmenter, preprocess  # noqa: E402
 from optimize3d.reconstruct import ReconstructConfig, reconstruct  # noqa: E402
 

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from optimize3d.inputs import InputImageError, load_input_image
-from optimize3d.optimize import GenerateConfig, output_key
+from optimize3d.config import GenerateConfig
+from optimize3d.image_to_3d import output_key
 from optimize3d.preprocess import PreprocessConfig, alpha_box, alpha_fill, frame, input_warnings, preprocess
 from render.preview import on_white
 from tests.conftest import ROOT, run_main

@@ -111,7 +111,8 @@ def test_guidance_embeds_the_3d_stages_cameras_as_training_embeds_rendered_views
     from dataset.views import RenderedObject
     from model.mvmodel import ModelConfig, MultiViewModel
     from optimize3d.guidance import MultiViewGuidance
-    from optimize3d.optimize import GenerateConfig, sample_cameras
+    from optimize3d.cameras import sample_cameras
+    from optimize3d.config import GenerateConfig
     obj = RenderedObject.open(sorted(object_dirs(rendered_demo).values())[0])
     ds = MultiViewDataset([obj], None, SampleConfig(image_size=32))
     cfg = GenerateConfig.tiny()

@@ -13,7 +13,8 @@ import torch
 
 from optimize3d.field import Field, FieldConfig
 from optimize3d.guidance import GuidanceConfig, distillation_loss
-from optimize3d.optimize import GenerateConfig, draw_elevations, sample_cameras
+from optimize3d.cameras import draw_elevations, sample_cameras
+from optimize3d.config import GenerateConfig
 from optimize3d.shading import light_positions
 from tests.conftest import ROOT
 
@@ -178,7 +179,9 @@ def test_16_mixed_runs_the_whole_step_in_fp16_with_a_gradient_scaler_that_resume
     CPU, where torch also autocasts to fp16), the loss scaled; the scaler's state is part of the field checkpoint."""
     from model.mvmodel import ModelConfig, MultiViewModel
     from optimize3d.guidance import MultiViewGuidance
-    from optimize3d.optimize import Precision, build_field, load_nerf, save_nerf, sds_step
+    from optimize3d.config import Precision
+    from optimize3d.fieldstate import load_nerf, save_nerf
+    from optimize3d.optimize import build_field, sds_step
     cfg = GenerateConfig.tiny()
     cfg.mixed_precision, cfg.nerf.normal_type = "16-mixed", "analytic"
     torch.manual_seed(0)
