@@ -14,10 +14,12 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -246,6 +248,7 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
                disable=rank != 0 or not progress, dynamic_ncols=True)
     history, saved = [], None
     for step in bar:
+        started = time.perf_counter()
         net.train()
         total = 0.0
         for micro in range(cfg.grad_accum):
@@ -259,7 +262,7 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
                     loss = net(batch, cfg.stage, g, cfg.cond_dropout) / cfg.grad_accum
                 loss.backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))   # before clipping
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -270,10 +273,13 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
             if done % cfg.log_every == 0 or done == cfg.max_steps:
                 writer.add_scalar("loss", total, done)
                 writer.add_scalar("lr", sched.get_last_lr()[0], done)
+                writer.add_scalar("grad_norm", grad_norm, done)
+                writer.add_scalar("step_seconds", time.perf_counter() - started, done)
             if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
                 saved = checkpoint.save(run / "checkpoints", done, model, opt, sched, {"loss": total})
             if done % cfg.val_every == 0 or done == cfg.max_steps:
-                validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
+                path = validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
+                writer.add_image("validation", np.asarray(Image.open(path).convert("RGB")), done, dataformats="HWC")
         if ray_train:
             report_to_ray({"loss": total, "step": done}, saved)
         if saved is not None:
@@ -308,7 +314,7 @@ def validation_objects(cfg: TrainConfig, data_dir: Path, index: PreparedIndex) -
 
 
 @torch.no_grad()
-def validation_grid(model: MultiViewModel, cfg: TrainConfig, shown: MultiViewDataset, path: Path) -> None:
+def validation_grid(model: MultiViewModel, cfg: TrainConfig, shown: MultiViewDataset, path: Path) -> Path:
     """Per object of `shown` (the first training object, then the first held-out one when the split has
     any), two rows: its 4 sampled views, then the ground truth at the same cameras."""
     from render.preview import grid
@@ -323,6 +329,7 @@ def validation_grid(model: MultiViewModel, cfg: TrainConfig, shown: MultiViewDat
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(tiles, columns=4).save(path)
     log.info("validation %s: %s", path.name, ", ".join(o.uid for o in shown.objects))
+    return path
 
 
 def _ray_loop(config: dict) -> None:

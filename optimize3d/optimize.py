@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -118,18 +119,31 @@ def _optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, p
         start = load_nerf(ck, nerf, grid, opt, precision.scaler)
         log.info("resumed from %s (step %d)", ck, start)
     guide = MultiViewGuidance(model, embedding, cfg.guidance, autocast=precision.guidance)
+    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
+    writer = SummaryWriter(str(work / "tensorboard"))         # beside the plain-line log; a resume appends
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="3D", disable=not progress,
                dynamic_ncols=True)
-    for step in bar:
-        parts = sds_step(cfg, nerf, grid, opt, guide, step, precision)
-        done = step + 1
-        bar.set_postfix(sds=f"{parts['sds']:.3g}", orient=f"{parts['orient']:.3g}", mode=parts["mode"])
-        record_step(work, log, parts, cfg.log_every, cfg.steps)
-        if done % cfg.val_every == 0 or done == cfg.steps:
-            save_validation(nerf, grid, cfg, work / "validation" / f"step-{done:06d}.png")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save_nerf(work / "nerf", done, nerf, grid, opt, precision.scaler)
+    try:
+        for step in bar:
+            started = time.perf_counter()
+            parts = sds_step(cfg, nerf, grid, opt, guide, step, precision)
+            done = step + 1
+            bar.set_postfix(sds=f"{parts['sds']:.3g}", orient=f"{parts['orient']:.3g}", mode=parts["mode"])
+            record_step(work, log, parts, cfg.log_every, cfg.steps)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                for name in ("loss", "sds", "orient", "samples"):
+                    writer.add_scalar(name, parts[name], done)
+                writer.add_scalar("step_seconds", time.perf_counter() - started, done)
+                writer.add_scalar("grad_scale", precision.scaler.get_scale() if precision.scaler.is_enabled() else 1.0, done)
+            if done % cfg.val_every == 0 or done == cfg.steps:
+                path = work / "validation" / f"step-{done:06d}.png"
+                save_validation(nerf, grid, cfg, path)
+                writer.add_image("validation", np.asarray(Image.open(path).convert("RGB")), done, dataformats="HWC")
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save_nerf(work / "nerf", done, nerf, grid, opt, precision.scaler)
+    finally:
+        writer.close()
     return nerf, grid
 
 

@@ -123,3 +123,13 @@ def render_worker_pids(root) -> list[int]:
         if marker in env and state != "Z":
             pids.append(int(d.name))
     return pids
+
+
+def tensorboard_events(folder: Path) -> dict:
+    """{"scalars": {tag: [(step, value)]}, "images": {tag: [step]}} of the TensorBoard event files in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {"scalars": {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]},
+            "images": {t: [e.step for e in acc.Images(t)] for t in tags["images"]}}

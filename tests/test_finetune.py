@@ -17,6 +17,7 @@ from model.prepare import prepare
 from render.layout import object_dir, object_dirs
 from model.train import TrainConfig, train
 from pipelines.finetune import main as finetune_main
+from tests.conftest import tensorboard_events
 
 FAST = dict(sample_steps=2, val_every=10_000, log_every=1)
 
@@ -41,7 +42,10 @@ def test_overfit_two_objects_loss_falls_by_half(two_objects, tmp_path):
     assert end < 0.5 * start, (start, end)
     assert (tmp_path / "checkpoints" / "step-000040" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path / "validation" / "step-000040.png").exists()
-    assert list((tmp_path / "tensorboard").iterdir())
+    events = tensorboard_events(tmp_path / "tensorboard")
+    assert [s for s, _ in events["scalars"]["loss"]] == list(range(1, 41))       # log_every 1
+    assert {"lr", "grad_norm", "step_seconds"} <= set(events["scalars"]) and events["images"]["validation"] == [40]
+    assert all(v > 0 for _, v in events["scalars"]["grad_norm"])
 
 
 def test_stage2_reference_view_is_out_of_the_loss_but_conditions_targets(two_objects):

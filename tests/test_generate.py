@@ -15,7 +15,7 @@ from PIL import Image
 
 from optimize3d.inputs import InputImageError, load_input_image
 from render.layout import object_dirs
-from tests.conftest import ROOT, run_main
+from tests.conftest import ROOT, run_main, tensorboard_events
 
 SCRIPT = str(ROOT / "pipelines" / "generate.py")
 FAST = ["--steps", "12", "--no-progress", "val_every=6", "ckpt_every=4", "export.resolution=48",
@@ -56,6 +56,9 @@ def test_generate_writes_mesh_turntable_and_views(generated):
     assert [p.name for p in (d / "nerf").iterdir()] == ["step-000012"]
     steps = [json.loads(line)["step"] for line in (d / "losses.jsonl").read_text().splitlines()]
     assert steps == [10, 12]                                             # log_every 10, and the last step
+    events = tensorboard_events(d / "tensorboard")                       # what `tensorboard --logdir` shows
+    assert {"loss", "sds", "orient", "samples", "step_seconds", "grad_scale"} <= set(events["scalars"])
+    assert [s for s, _ in events["scalars"]["sds"]] == [10, 12] and events["images"]["validation"][-1] == 12
 
 
 def test_rerun_is_cached_and_export_settings_only_reexport(generated, input_image, tiny_checkpoint):
