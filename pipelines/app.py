@@ -141,19 +141,27 @@ def evict(output: Path, keep: int) -> list[str]:
     """Keep the newest `keep` results of the app's output folder (complete ones, and .partial ones no process
     is working on); delete the older ones, then the inputs, previews and logs that no remaining result uses,
     beyond the newest `keep` of each, and CLIP embeddings beyond the newest `keep` (recomputed if needed).
-    A result whose lock a generate.py holds is never touched. Returns what went, relative to `output`."""
+    A result whose lock a generate.py holds is never touched (two requests for an evicted picture arriving
+    in the very moment of its deletion may both run it). Returns what went, relative to `output`."""
     def lock_of(run: Path) -> Path:
         return output / (run.name.removesuffix(".partial") + ".lock")
     runs = [d for d in output.iterdir() if d.is_dir() and ((d / "export.json").is_file() or d.name.endswith(".partial"))]
     runs = sorted((d for d in runs if _lock_is_free(lock_of(d))), key=lambda d: d.stat().st_mtime, reverse=True)
     gone = []
     for d in runs[keep:]:
-        shutil.rmtree(d, ignore_errors=True)
-        lock_of(d).unlink(missing_ok=True)
+        with open(lock_of(d), "a") as lock:       # held while deleting: a generate.py starting now waits
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue                          # it started meanwhile
+            shutil.rmtree(d, ignore_errors=True)
+            lock_of(d).unlink(missing_ok=True)
         gone.append(d.name)
     used = {d.name.split("-", 1)[0] for d in output.iterdir() if d.is_dir()}
-    for folder, needs_use in (("inputs", True), ("previews", True), ("logs", True), ("cache/clip", False)):
-        files = sorted((output / folder).glob("*"), key=lambda f: f.stat().st_mtime, reverse=True) \
+    # (logs/*.json: the stdout of requests in flight, never evicted)
+    for folder, pattern, needs_use in (("inputs", "*", True), ("previews", "*", True), ("logs", "*.log", True),
+                                       ("cache/clip", "*", False)):
+        files = sorted((output / folder).glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True) \
             if (output / folder).is_dir() else []
         for f in files[keep:]:
             if not needs_use or f.name.split("-", 1)[0].split(".", 1)[0] not in used:
