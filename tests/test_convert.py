@@ -3,7 +3,6 @@ against diffusers' own single-file loader), the released checkpoint's camera fea
 tower, refusing pickles, and original files accepted by finetune.py directly."""
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 
