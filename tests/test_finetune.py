@@ -165,18 +165,30 @@ def kill_a_train_worker_once(run: Path, after: str, before: str) -> dict:
     import psutil
     seen = {}
 
-    def watch():
-        while not (run / "checkpoints" / after).exists():
-            if seen.get("stop"):
-                return
-            time.sleep(0.005)
+    def train_workers():
+        found = []
         for proc in psutil.Process().children(recursive=True):
             try:
                 if "RayTrainWorker" in " ".join(proc.cmdline()):
-                    seen["in_time"] = not (run / "checkpoints" / before).exists()
-                    proc.send_signal(signal.SIGKILL)
-                    seen["pid"] = proc.pid
-                    return
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def watch():
+        workers, scanned = [], 0.0       # found while waiting, so that the kill follows the checkpoint at once
+        while not (run / "checkpoints" / after).exists():
+            if seen.get("stop"):
+                return
+            if not workers and time.monotonic() - scanned > 0.2:
+                workers, scanned = train_workers(), time.monotonic()
+            time.sleep(0.005)
+        for proc in [p for p in workers if p.is_running()] or train_workers():
+            try:
+                seen["in_time"] = not (run / "checkpoints" / before).exists()
+                proc.send_signal(signal.SIGKILL)
+                seen["pid"] = proc.pid
+                return
             except psutil.Error:
                 continue
     seen["thread"] = threading.Thread(target=watch, daemon=True)
