@@ -278,8 +278,8 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
             if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
                 saved = checkpoint.save(run / "checkpoints", done, model, opt, sched, {"loss": total})
             if done % cfg.val_every == 0 or done == cfg.max_steps:
-                path = validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
-                writer.add_image("validation", np.asarray(Image.open(path).convert("RGB")), done, dataformats="HWC")
+                sheet = validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
+                writer.add_image("validation", np.asarray(sheet.convert("RGB")), done, dataformats="HWC")
         if ray_train:
             report_to_ray({"loss": total, "step": done}, saved)
         if saved is not None:
@@ -314,9 +314,9 @@ def validation_objects(cfg: TrainConfig, data_dir: Path, index: PreparedIndex) -
 
 
 @torch.no_grad()
-def validation_grid(model: MultiViewModel, cfg: TrainConfig, shown: MultiViewDataset, path: Path) -> Path:
+def validation_grid(model: MultiViewModel, cfg: TrainConfig, shown: MultiViewDataset, path: Path) -> Image.Image:
     """Per object of `shown` (the first training object, then the first held-out one when the split has
-    any), two rows: its 4 sampled views, then the ground truth at the same cameras."""
+    any), two rows: its 4 sampled views, then the ground truth at the same cameras. Saved at `path`, and returned."""
     from render.preview import grid
     model.eval()
     to_img = lambda x: Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())  # noqa: E731
@@ -327,9 +327,10 @@ def validation_grid(model: MultiViewModel, cfg: TrainConfig, shown: MultiViewDat
         views = model.sample(sample["clip_embedding"], sample["target_cameras"], cfg.sample_steps, cfg.guidance, g)
         tiles += [to_img(v) for v in views] + [to_img(v) for v in sample["target"]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid(tiles, columns=4).save(path)
+    sheet = grid(tiles, columns=4)
+    sheet.save(path)
     log.info("validation %s: %s", path.name, ", ".join(o.uid for o in shown.objects))
-    return path
+    return sheet
 
 
 def _ray_loop(config: dict) -> None:

@@ -86,9 +86,9 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
             (work / "multiview").mkdir(exist_ok=True)
             for i, v in enumerate(views):                 # azimuths 0, 90, 180, 270 (for evaluation)
                 to_image((v + 1) / 2).save(work / "multiview" / f"{i:03d}.png")
-            tmp = work / ".tmp-multiview.png"
-            image_grid([picture.resize((views.shape[-1],) * 2)] + [to_image((v + 1) / 2) for v in views], columns=5).save(tmp)
-            tmp.replace(work / "multiview.png")       # written last: marks the views complete
+            with atomic_path(work / "multiview.png") as tmp:  # written last: marks the views complete
+                image_grid([picture.resize((views.shape[-1],) * 2)] + [to_image((v + 1) / 2) for v in views],
+                           columns=5).save(tmp, format="PNG")
         if work == final:                             # only the export settings changed
             nerf, grid, _ = build_field(cfg, dev)
             load_nerf(latest_nerf(work / "nerf"), nerf, grid)

@@ -137,9 +137,8 @@ def _optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, p
                 writer.add_scalar("step_seconds", time.perf_counter() - started, done)
                 writer.add_scalar("grad_scale", precision.scaler.get_scale() if precision.scaler.is_enabled() else 1.0, done)
             if done % cfg.val_every == 0 or done == cfg.steps:
-                path = work / "validation" / f"step-{done:06d}.png"
-                save_validation(nerf, grid, cfg, path)
-                writer.add_image("validation", np.asarray(Image.open(path).convert("RGB")), done, dataformats="HWC")
+                sheet = save_validation(nerf, grid, cfg, work / "validation" / f"step-{done:06d}.png")
+                writer.add_image("validation", np.asarray(sheet.convert("RGB")), done, dataformats="HWC")
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save_nerf(work / "nerf", done, nerf, grid, opt, precision.scaler)
     finally:
@@ -148,8 +147,8 @@ def _optimize(cfg: GenerateConfig, model, embedding: torch.Tensor, work: Path, p
 
 
 @torch.no_grad()
-def save_validation(nerf: Field, grid, cfg: GenerateConfig, path: Path) -> None:
-    """4 views at the preview elevation: albedo (top), normals (bottom)."""
+def save_validation(nerf: Field, grid, cfg: GenerateConfig, path: Path) -> Image.Image:
+    """4 views at the preview elevation: albedo (top), normals (bottom); saved at `path`, and returned."""
     from render.preview import grid as image_grid
     device = next(nerf.parameters()).device
     dist = cfg.relative_distance_range[0] / math.tan(math.radians(cfg.fov_range[0]) / 2)
@@ -159,4 +158,6 @@ def save_validation(nerf: Field, grid, cfg: GenerateConfig, path: Path) -> None:
     out = render_views(nerf, grid, c2w, torch.full((4,), cfg.fov_range[0]), size, cfg.march, normals=True,
                        ray_chunk=1 << 14)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([to_image(x) for x in out["rgb"]] + [to_image(x) for x in out["normal"]], columns=4).save(path)
+    sheet = image_grid([to_image(x) for x in out["rgb"]] + [to_image(x) for x in out["normal"]], columns=4)
+    sheet.save(path)
+    return sheet

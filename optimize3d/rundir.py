@@ -18,12 +18,22 @@ from common.config import config_hash
 from optimize3d.export import ExportConfig
 
 LOCK_SUFFIX = ".lock"
+PARTIAL_SUFFIX = ".partial"
 
 
 def run_dir_name(image: Path, key: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image.stem)[:64].strip("._") or "image"
     return f"{stem}-{key}"
 
+
+def lock_file(final: Path) -> Path:
+    """The lock a run of `final` holds (a .partial folder's too: lock_file(final_of(partial)))."""
+    return final.with_name(final.name + LOCK_SUFFIX)
+
+
+def final_of(run: Path) -> Path:
+    """A run folder, complete or .partial -> the complete one's path."""
+    return run.with_name(run.name.removesuffix(PARTIAL_SUFFIX))
 
 
 @contextlib.contextmanager
@@ -36,7 +46,7 @@ def run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger,
     process asking for the same result waits for it, then finds the result made (a killed holder's lock
     is released by the kernel, and the next one resumes its .partial)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.with_name(final.name + LOCK_SUFFIX), "a") as lock:
+    with open(lock_file(final), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -53,7 +63,7 @@ def _run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger
             return
         work = final
     else:
-        work = final.with_name(final.name + ".partial")
+        work = final.with_name(final.name + PARTIAL_SUFFIX)
     work.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(work / log_name)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

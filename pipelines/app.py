@@ -45,6 +45,7 @@ from common.atomic import atomic_path, atomic_write_bytes  # noqa: E402
 from common.config import ConfigError, config_hash, load_config  # noqa: E402
 from optimize3d.inputs import InputImageError, image_digest, load_input_image  # noqa: E402
 from optimize3d.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from optimize3d.rundir import PARTIAL_SUFFIX, final_of, lock_file  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "outputs" / "app"
 DEMO_RUN = ROOT / "outputs" / "demo-run"
@@ -79,7 +80,7 @@ def save_upload(path: str, inputs: Path) -> Path:
 
 def progress_of(output: Path, stem: str) -> tuple[str, str | None]:
     """(step and losses, latest validation image) of the run being built for `stem`, if any."""
-    work = max(output.glob(f"{stem}-*.partial"), key=lambda p: p.stat().st_mtime, default=None)
+    work = max(output.glob(f"{stem}-*{PARTIAL_SUFFIX}"), key=lambda p: p.stat().st_mtime, default=None)
     if work is None:
         return "starting", None
     text = "sampling the 2D views" if not (work / "multiview.png").is_file() else "3D stage starting"
@@ -128,35 +129,26 @@ def run_generate(image: Path, checkpoint: str, output: Path, extra: list[str]):
     return json.loads(stdout)
 
 
-def _lock_is_free(lock: Path) -> bool:
-    try:
-        with open(lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-    except BlockingIOError:
-        return False
-
-
 def evict(output: Path, keep: int) -> list[str]:
     """Keep the newest `keep` results of the app's output folder (complete ones, and .partial ones no process
     is working on); delete the older ones, then the inputs, previews and logs that no remaining result uses,
     beyond the newest `keep` of each, and CLIP embeddings beyond the newest `keep` (recomputed if needed).
     A result whose lock a generate.py holds is never touched (two requests for an evicted picture arriving
     in the very moment of its deletion may both run it). Returns what went, relative to `output`."""
-    def lock_of(run: Path) -> Path:
-        return output / (run.name.removesuffix(".partial") + ".lock")
-    runs = [d for d in output.iterdir() if d.is_dir() and ((d / "export.json").is_file() or d.name.endswith(".partial"))]
-    runs = sorted((d for d in runs if _lock_is_free(lock_of(d))), key=lambda d: d.stat().st_mtime, reverse=True)
-    gone = []
-    for d in runs[keep:]:
-        with open(lock_of(d), "a") as lock:       # held while deleting: a generate.py starting now waits
+    runs = [d for d in output.iterdir() if d.is_dir() and ((d / "export.json").is_file() or d.name.endswith(PARTIAL_SUFFIX))]
+    runs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    gone, kept = [], 0
+    for d in runs:
+        with open(lock_file(final_of(d)), "a") as lock:   # held while deleting: a generate.py starting now waits
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                continue                          # it started meanwhile
-            shutil.rmtree(d, ignore_errors=True)
-            lock_of(d).unlink(missing_ok=True)
-        gone.append(d.name)
+                continue                                  # a generate.py is making it: neither kept nor deleted
+            kept += 1
+            if kept > keep:
+                shutil.rmtree(d, ignore_errors=True)
+                lock_file(final_of(d)).unlink(missing_ok=True)
+                gone.append(d.name)
     used = {d.name.split("-", 1)[0] for d in output.iterdir() if d.is_dir()}
     # (logs/*.json: the stdout of requests in flight, never evicted)
     for folder, pattern, needs_use in (("inputs", "*", True), ("previews", "*", True), ("logs", "*.log", True),
