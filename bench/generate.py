@@ -4,8 +4,9 @@
     python bench/generate.py --device cuda   # on a GPU (the nerfacc marcher is then available too)
 
 1. Score-distillation steps/s at the tiny settings (4 views at 32 px, 64 samples per ray), per phase
-   (albedo only; shaded with finite-difference normals; shaded with analytic normals, the sd21 preset's),
-   with the time split into field and guidance.
+   (albedo, shaded), normal type (finite differences; analytic, the released) and hash grid (torch; fused,
+   the Warp kernels), all in one run, with the time split into field, guidance and backward; the tiny
+   preset's step before (torch, finite differences) and now (fused, analytic).
 2. Marching: dense sampling against occupancy-grid skipping, with and without early ray termination, at
    several samples per ray, each image compared with a dense reference at 1024 samples per ray (PSNR):
    speed at equal image error.
@@ -15,8 +16,8 @@
    4 x S x S rays minus the RSS before it. The marginal bytes per sample between two sizes (the fixed
    part, one chunk's activations when recomputing, cancels) extrapolate it to the paper's 4 x 256 x 256
    rays by the sample count of that render (marched without gradients).
-4. Reconstruction (generate.py --views, tiny preset): steps/s fitting 16 views of 64 px, with and without
-   early ray termination (march.early_stop_eps) in the same run.
+4. Reconstruction (generate.py --views, tiny preset): steps/s fitting 16 views of 64 px with the torch
+   and the fused hash grid, and the fused one without early ray termination (march.early_stop_eps), in one run.
 """
 from __future__ import annotations
 
@@ -45,42 +46,56 @@ from optimize3d.renderer import render_views  # noqa: E402
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender  # noqa: E402
 
 
-def sds_speed(device, steps: int) -> dict:
+def sds_phase(device, steps: int, hash_implementation: str, mode: str, normal_type: str,
+              model: MultiViewModel, guide: MultiViewGuidance) -> dict:
     cfg = GenerateConfig.tiny()
+    cfg.nerf.hash_implementation, cfg.nerf.normal_type = hash_implementation, normal_type
+    nerf, grid, opt = build_field(cfg, device)
+    times = {"field": 0.0, "guidance": 0.0, "backward": 0.0}
+    samples = 0
+    for step in range(steps + 2):
+        rng = random.Random(step)
+        g = torch.Generator().manual_seed(step)
+        update_grid(grid, nerf, step, 1.0, cfg.march)
+        c2w, fov, _, _ = sample_cameras(cfg, rng)
+        c2w, fov = c2w.to(device), fov.to(device)
+        t0 = time.perf_counter()
+        r = render_views(nerf, grid, c2w, fov, 32, cfg.march, mode=mode, lights=c2w[:, :3, 3], ambient=0.5,
+                         normals=True, stratified=True, generator=g)
+        t1 = time.perf_counter()
+        loss = guide(r["rgb"], c2w, 100, g) + 10 * r["orientation"]
+        t2 = time.perf_counter()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t3 = time.perf_counter()
+        if step >= 2:                       # the first steps warm up allocators, kernels and the grid
+            times["field"] += t1 - t0
+            times["guidance"] += t2 - t1
+            times["backward"] += t3 - t2
+            samples += r["samples"]
+    total = sum(times.values())
+    return {"steps_per_s": round(steps / total, 2), "s_per_step": round(total / steps, 3),
+            **{f"{k}_s": round(v / steps, 3) for k, v in times.items()}, "field_samples_per_step": samples // steps}
+
+
+def sds_speed(device, steps: int) -> dict:
+    """Every phase with each hash grid and each normal type, in one run. The tiny preset's step is the mean
+    of its two phases (albedo for the first half of the steps, shaded after)."""
     model = MultiViewModel(ModelConfig.tiny()).to(device).eval().requires_grad_(False)
-    guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance)
+    guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), GenerateConfig.tiny().guidance)
     out = {}
-    for phase, mode, normals in (("albedo", "albedo", "finite_difference"), ("shaded", "lambertian", "finite_difference"),
-                                 ("shaded_analytic_normals", "lambertian", "analytic")):
-        cfg.nerf.normal_type = normals            # analytic: the sd21 preset's (the released), trained through 2nd derivatives
-        nerf, grid, opt = build_field(cfg, device)
-        times = {"field": 0.0, "guidance": 0.0, "backward": 0.0}
-        samples = 0
-        for step in range(steps + 2):
-            rng = random.Random(step)
-            g = torch.Generator().manual_seed(step)
-            update_grid(grid, nerf, step, 1.0, cfg.march)
-            c2w, fov, _, _ = sample_cameras(cfg, rng)
-            c2w, fov = c2w.to(device), fov.to(device)
-            t0 = time.perf_counter()
-            r = render_views(nerf, grid, c2w, fov, 32, cfg.march, mode=mode, lights=c2w[:, :3, 3], ambient=0.5,
-                             normals=True, stratified=True, generator=g)
-            t1 = time.perf_counter()
-            loss = guide(r["rgb"], c2w, 100, g) + 10 * r["orientation"]
-            t2 = time.perf_counter()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            t3 = time.perf_counter()
-            if step >= 2:                       # the first steps warm up allocators and the grid
-                times["field"] += t1 - t0
-                times["guidance"] += t2 - t1
-                times["backward"] += t3 - t2
-                samples += r["samples"]
-        total = sum(times.values())
-        out[phase] = {"steps_per_s": round(steps / total, 2), "s_per_step": round(total / steps, 3),
-                      **{f"{k}_s": round(v / steps, 3) for k, v in times.items()},
-                      "field_samples_per_step": samples // steps}
+    for impl in ("torch", "fused"):
+        for normals in ("finite_difference", "analytic"):
+            for phase, mode in (("albedo", "albedo"), ("shaded", "lambertian")):
+                out[f"{impl}/{normals}/{phase}"] = sds_phase(device, steps, impl, mode, normals, model, guide)
+    preset = lambda impl, normals: (out[f"{impl}/{normals}/albedo"]["s_per_step"]  # noqa: E731
+                                    + out[f"{impl}/{normals}/shaded"]["s_per_step"]) / 2
+    before, now = preset("torch", "finite_difference"), preset("fused", "analytic")
+    out["tiny_preset"] = {"before_torch_finite_difference_s_per_step": round(before, 3),
+                          "now_fused_analytic_s_per_step": round(now, 3), "speedup": round(before / now, 2),
+                          "fused_finite_difference_s_per_step": round(preset("fused", "finite_difference"), 3),
+                          "torch_analytic_s_per_step": round(preset("torch", "analytic"), 3)}
     return out
 
 
@@ -215,9 +230,10 @@ def reconstruction_speed(steps: int) -> dict:
             "fixed": [{"azimuth_deg": az, "elevation_deg": el, "c2w": c2w_opencv(az, el, DISTANCE).tolist()} for az, el in angles]}))
         rays = training_rays(load_posed_views(folder, "fixed"), torch.device("cpu"))
         out = {}
-        for name, eps in (("early_stop", MarchConfig().early_stop_eps), ("no_early_stop", 0.0)):   # same run, both
+        for name, impl, eps in (("torch", "torch", MarchConfig().early_stop_eps), ("fused", "fused", MarchConfig().early_stop_eps),
+                                ("fused_no_early_stop", "fused", 0.0)):   # the same run, all three
             cfg = ReconstructConfig.tiny()
-            cfg.train_set, cfg.march.early_stop_eps = "fixed", eps
+            cfg.train_set, cfg.march.early_stop_eps, cfg.nerf.hash_implementation = "fixed", eps, impl
             nerf, grid, opt = build_field(cfg, torch.device("cpu"))
             fit_step(cfg, nerf, grid, opt, rays, 0)
             t = time.perf_counter()
@@ -226,7 +242,8 @@ def reconstruction_speed(steps: int) -> dict:
             out[name] = {"preset": "tiny", "views": len(angles), "size": 64, "rays_per_step": cfg.rays_per_step,
                          "steps_per_s": round(1 / s, 2), "field_samples_per_step": samples // steps,
                          "seconds_for_the_preset": round(cfg.steps * s, 1)}
-    out["speedup_of_early_stop"] = round(out["early_stop"]["steps_per_s"] / out["no_early_stop"]["steps_per_s"], 2)
+    out["speedup_of_fused"] = round(out["fused"]["steps_per_s"] / out["torch"]["steps_per_s"], 2)
+    out["speedup_of_early_stop"] = round(out["fused"]["steps_per_s"] / out["fused_no_early_stop"]["steps_per_s"], 2)
     return out
 
 

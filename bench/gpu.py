@@ -10,9 +10,11 @@
    memory, and the largest batch that fits (doubling, then bisecting, within a time budget).
 2. Sampling: DDIM-50, CFG 10, 4 views, fp32 (what generate.py's preview does) and bf16 autocast.
 3. The 3D stage at the paper's settings (GenerateConfig.sd21: hash grid 16 levels x 2^19, 512 samples
-   per ray, 4 views) at 64 and 256 px, albedo and shaded phases: steps/s, field samples per step, peak
-   memory and the bytes per field sample that peak implies. An out-of-memory is a result, recorded.
-   The field is the initial blob throughout (learning rate 0, every step's work still done).
+   per ray, 8 views at 64 px and 4 at 256 px, 16-mixed) at 64 and 256 px, albedo and shaded phases, with the
+   fused (Warp) and the torch hash grid: steps/s, field samples per step, peak memory and the bytes per
+   field sample that peak implies, and the projected hours of the whole 10,000-step schedule per hash
+   grid ("schedule"). An out-of-memory is a result, recorded. The field is the initial blob throughout
+   (learning rate 0, every step's work still done).
 4. The render stage with Cycles on the GPU (OptiX, then CUDA) on the four shared GLBs (tests/data/glb) at the
    default settings (256 px, 32 views): seconds per view and the worst view's PSNR against a 1,024-sample
    undenoised reference on the same device (bench/render.py's curve), and objects per hour per GPU through
@@ -209,47 +211,66 @@ def bench_sampling(model: MultiViewModel, device, steps: int) -> dict:
 def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduced: bool, marcher: str) -> dict:
     mem = Memory(device)
     out = {}
-    for size in sizes:
-        for phase in ("albedo", "shaded"):
-            cfg = GenerateConfig.tiny() if reduced else GenerateConfig.sd21()
-            groups = dict(zip(cfg.resolutions, cfg.view_groups)).get(size, 1)    # sd21: 8 views at 64 px, 4 at 256
-            cfg.resolutions, cfg.resolution_milestones, cfg.view_groups = [size], [], [groups]
-            cfg.march.marcher = marcher
-            first = 0 if phase == "albedo" else cfg.shading_start    # the shading draw follows the step
-            precision = Precision.of(cfg.mixed_precision, device)          # sd21: the released 16-mixed
-            guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance,
-                                      autocast=precision.guidance)
-            key = f"{size}px_{phase}"
-            try:
-                nerf, grid, opt = build_field(cfg, device)
-                for group in opt.param_groups:   # the field stays the initial blob: random weights would move it
-                    group["lr"] = 0.0            # anywhere (to nothing, at 0 samples), and sample counts would not compare
-                sds_step(cfg, nerf, grid, opt, guide, 0, precision)   # warm-up; step 0 fills every cell of the grid
-                mem.reset()
-                base = mem.now_mb()
-                samples, t = 0, time.perf_counter()
-                modes = []
-                for step in range(first + 1, first + 1 + steps):
-                    parts = sds_step(cfg, nerf, grid, opt, guide, step, precision)
-                    samples += parts["samples"]
-                    modes.append(parts["mode"])
-                mem.sync()
-                s = (time.perf_counter() - t) / steps
-                peak = mem.peak_mb()
-                out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "samples_per_ray": cfg.march.samples_per_ray,
-                            "marcher": marcher, "hash_grid": nerf.encoding.__class__.__name__,
-                            "steps_per_s": round(1 / s, 3), "seconds_per_step": round(s, 4),
-                            "field_samples_per_step": samples // steps, "modes": modes,
-                            "peak_memory_mb": round(peak),
-                            "bytes_per_sample": round((peak - base) * 2**20 / (samples // steps))
-                            if mem.cuda and samples else None}
-            except RuntimeError as e:
-                if not is_oom(e):
-                    raise
-                out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "out_of_memory": str(e).splitlines()[0][:300]}
-            finally:
-                nerf = grid = opt = None
-                mem.reset()
+    for size, phase, impl in [(s, p, i) for s in sizes for p in ("albedo", "shaded") for i in ("fused", "torch")]:
+        cfg = GenerateConfig.tiny() if reduced else GenerateConfig.sd21()
+        groups = dict(zip(cfg.resolutions, cfg.view_groups)).get(size, 1)    # sd21: 8 views at 64 px, 4 at 256
+        cfg.resolutions, cfg.resolution_milestones, cfg.view_groups = [size], [], [groups]
+        cfg.march.marcher, cfg.nerf.hash_implementation = marcher, impl
+        first = 0 if phase == "albedo" else cfg.shading_start    # the shading draw follows the step
+        precision = Precision.of(cfg.mixed_precision, device)          # sd21: the released 16-mixed
+        guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance,
+                                  autocast=precision.guidance)
+        key = f"{size}px_{phase}/{impl}"
+        try:
+            nerf, grid, opt = build_field(cfg, device)
+            for group in opt.param_groups:   # the field stays the initial blob: random weights would move it
+                group["lr"] = 0.0            # anywhere (to nothing, at 0 samples), and sample counts would not compare
+            sds_step(cfg, nerf, grid, opt, guide, 0, precision)   # warm-up; step 0 fills every cell of the grid
+            mem.reset()
+            base = mem.now_mb()
+            samples, t = 0, time.perf_counter()
+            modes = []
+            for step in range(first + 1, first + 1 + steps):
+                parts = sds_step(cfg, nerf, grid, opt, guide, step, precision)
+                samples += parts["samples"]
+                modes.append(parts["mode"])
+            mem.sync()
+            s = (time.perf_counter() - t) / steps
+            peak = mem.peak_mb()
+            out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "samples_per_ray": cfg.march.samples_per_ray,
+                        "marcher": marcher, "hash_grid": nerf.encoding.__class__.__name__,
+                        "steps_per_s": round(1 / s, 3), "seconds_per_step": round(s, 4),
+                        "field_samples_per_step": samples // steps, "modes": modes,
+                        "peak_memory_mb": round(peak),
+                        "bytes_per_sample": round((peak - base) * 2**20 / (samples // steps))
+                        if mem.cuda and samples else None}
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "out_of_memory": str(e).splitlines()[0][:300]}
+        finally:
+            nerf = grid = opt = None
+            mem.reset()
+    out["schedule"] = projected_schedule(out, GenerateConfig.tiny() if reduced else GenerateConfig.sd21(), sizes)
+    return out
+
+
+def projected_schedule(rows: dict, cfg: GenerateConfig, sizes: list[int]) -> dict:
+    """Hours of the preset's whole schedule (every step's resolution and phase, e.g. sd21: 5,000 steps of 8 views
+    at 64 px, albedo, then 5,000 of 4 views at 256 px, shaded) from the measured seconds per step, per hash grid."""
+    counts: dict = {}
+    for step in range(cfg.steps):
+        key = (cfg.resolution_at(step), "albedo" if step < cfg.shading_start else "shaded")
+        counts[key] = counts.get(key, 0) + 1
+    out = {"steps": cfg.steps, "steps_per_phase": {f"{size}px_{phase}": n for (size, phase), n in counts.items()}}
+    for impl in ("fused", "torch"):
+        rows_of = {key: rows.get(f"{key[0]}px_{key[1]}/{impl}", {}) for key in counts}
+        if any(key[0] not in sizes or "seconds_per_step" not in row for key, row in rows_of.items()):
+            out[impl] = None                           # a size not measured, or out of memory
+            continue
+        seconds = sum(n * rows_of[key]["seconds_per_step"] for key, n in counts.items())
+        out[impl] = {"hours": round(seconds / 3600, 2),
+                     "peak_memory_mb": max(row["peak_memory_mb"] for row in rows_of.values())}
     return out
 
 

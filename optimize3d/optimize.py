@@ -47,7 +47,7 @@ def build_field(cfg: GenerateConfig, device: torch.device):
     grid = new_occupancy_grid(cfg.nerf.radius, cfg.march).to(device)
     opt = torch.optim.AdamW([{"params": nerf.grid_parameters(), "lr": cfg.lr_grid},
                              {"params": nerf.mlp_parameters(), "lr": cfg.lr_mlp}],
-                            betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+                            betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
     return nerf, grid, opt
 
 

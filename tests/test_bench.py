@@ -21,10 +21,19 @@ def test_gpu_bench_reduced_runs_every_section(tmp_path):
         assert row["seconds_per_micro_batch"] > 0 and row["largest_objects_that_fit"] >= row["objects_per_micro_batch"]
     assert result["training"]["stage2"]["views_per_object"] == 5  # 4 targets + the reference view
     assert result["sampling"]["fp32"]["views"] == 4
-    for key, row in result["generate_3d"].items():
+    rows = {k: v for k, v in result["generate_3d"].items() if k != "schedule"}
+    assert set(rows) == {f"{size}px_{phase}/{impl}" for size in (16, 32) for phase in ("albedo", "shaded")
+                         for impl in ("fused", "torch")}
+    for key, row in rows.items():
         assert row["field_samples_per_step"] > 0, key             # the field is the blob, in view
         assert row["steps_per_s"] > 0
-    assert set(result["generate_3d"]["32px_shaded"]["modes"]) <= {"albedo", "lambertian", "textureless"}
+        assert row["hash_grid"] == ("FusedHashGrid" if key.endswith("/fused") else "TorchHashGrid")
+    assert set(rows["32px_shaded/fused"]["modes"]) <= {"albedo", "lambertian", "textureless"}
+    schedule = result["generate_3d"]["schedule"]                  # the tiny preset: 150 albedo + 150 shaded steps at 32 px
+    assert schedule["steps_per_phase"] == {"32px_albedo": 150, "32px_shaded": 150}
+    for impl in ("fused", "torch"):
+        expected = sum(150 * rows[f"32px_{phase}/{impl}"]["seconds_per_step"] for phase in ("albedo", "shaded")) / 3600
+        assert schedule[impl]["hours"] == pytest.approx(expected, abs=0.006)
     render = result["render"]["cpu"]                              # section 4 at smoke size, on the CPU's Cycles
     assert "error" not in render, render
     assert render["curve"]["seconds_per_view"] > 0 and 10 < render["curve"]["psnr_min_db"] < 80

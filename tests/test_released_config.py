@@ -124,10 +124,11 @@ def test_the_sd21_preset_has_the_released_settings():
 
 
 def small_field(normal_type: str, dtype=torch.float32) -> Field:
-    """Two dense levels (grid_sample) and two hashed ones (gather), with embeddings far from the blob."""
+    """Two dense levels (grid_sample) and two hashed ones (gather), with embeddings far from the blob; the
+    pure-torch grid (float64, gradients in positions), which tests/test_hashgrid_fused.py holds the fused one to."""
     torch.manual_seed(0)
     field = Field(FieldConfig(levels=4, log2_table_size=9, base_resolution=4, per_level_scale=2.0, hidden=8,
-                              normal_type=normal_type)).to(dtype)
+                              normal_type=normal_type, hash_implementation="torch")).to(dtype)
     with torch.no_grad():
         field.encoding.embeddings.normal_(0, 1.0)
     return field
