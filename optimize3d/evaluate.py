@@ -146,7 +146,8 @@ def sample_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
             "views": len(pairs), "size": int(pairs[0][0].shape[0])}
 
 
-def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | None = None) -> dict:
+def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path | None, size: int | None = None) -> dict:
+    """gt_mesh None (no source mesh at hand): the mesh metrics (chamfer, volume_iou, colour_error) are left out."""
     from dataset.views import RenderedObject
     run_dir, gt_object_dir = Path(run_dir), Path(gt_object_dir)
     obj = RenderedObject.open(gt_object_dir)
@@ -158,18 +159,18 @@ def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path, size: int | 
     if not (run_dir / "mesh.glb").is_file():
         raise FileNotFoundError(f"run {run_dir}: no mesh.glb (the export failed or has not run)")
     mesh = load_mesh(run_dir / "mesh.glb")
-    truth = load_mesh(Path(gt_mesh))
+    truth = load_mesh(Path(gt_mesh)) if gt_mesh is not None else None
     metrics = {
         "2d": sample_metrics(pairs2d),
         "3d": {"psnr": float(np.mean([psnr(rgb[i], gt[i][0]) for i in range(len(rgb))])),
                "ssim": float(np.mean([ssim(rgb[i], gt[i][0]) for i in range(len(rgb))])),
                "silhouette_iou": float(np.mean([mask_iou(opacity[i] > 0.5, gt[i][1]) for i in range(len(rgb))])),
-               "chamfer": chamfer_distance(mesh, truth), "volume_iou": volume_iou(mesh, truth),
-               "mean_colour": mean_colour(mesh).round(4).tolist(),
-               "colour_error": float(np.abs(mean_colour(mesh) - mean_colour(truth)).max()),
-               "views": len(rgb), "size": size3d},
-        "ground_truth": {"object": str(gt_object_dir), "mesh": str(gt_mesh)},
+               "mean_colour": mean_colour(mesh).round(4).tolist(), "views": len(rgb), "size": size3d},
+        "ground_truth": {"object": str(gt_object_dir), "mesh": None if gt_mesh is None else str(gt_mesh)},
     }
+    if truth is not None:
+        metrics["3d"].update(chamfer=chamfer_distance(mesh, truth), volume_iou=volume_iou(mesh, truth),
+                             colour_error=float(np.abs(mean_colour(mesh) - mean_colour(truth)).max()))
     save_comparison(run_dir / "comparison.png", [gt[i][0] for i in (0, 4, 8, 12)], [a for a, _ in pairs2d],
                     [rgb[i] for i in (0, 4, 8, 12)])
     atomic_write_json(run_dir / "metrics.json", metrics)
