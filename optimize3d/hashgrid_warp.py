@@ -73,9 +73,19 @@ def corner_weight(frac: wp.vec3, c: int):
 
 
 @wp.func
-def cell(x: wp.array2d(dtype=float), i: int, res: int):
-    """Point i clamped to [0, 1]^3 -> its cell's lower corner, its place in the cell, and the clamp's
-    derivative (1 inside the box, 0 outside)."""
+def corner(base: wp.vec3i, frac: wp.vec3, c: int, res: int, dense: int, mask: wp.uint32):
+    """Corner c of the cell at `base`: its table row, trilinear weight and the weight's derivative."""
+    row = corner_row(base[0] + ((c >> 2) & 1), base[1] + ((c >> 1) & 1), base[2] + (c & 1), res, dense, mask)
+    w, dw = corner_weight(frac, c)
+    return row, w, dw
+
+
+@wp.func
+def cell(x: wp.array2d(dtype=float), i: int, j: int, levels: wp.array(dtype=int), resolutions: wp.array(dtype=int)):
+    """Point i clamped to [0, 1]^3, at the thread's j-th level -> that level, its resolution, the lower
+    corner of the point's cell, its place in the cell, and the clamp's derivative (1 inside the box, 0 outside)."""
+    level = levels[j]
+    res = resolutions[level]
     base = wp.vec3i(0, 0, 0)
     frac = wp.vec3(0.0, 0.0, 0.0)
     inside = wp.vec3(0.0, 0.0, 0.0)
@@ -87,7 +97,7 @@ def cell(x: wp.array2d(dtype=float), i: int, res: int):
         b = wp.min(int(wp.floor(p)), res - 1)
         base[k] = b
         frac[k] = p - float(b)
-    return base, frac, inside
+    return level, res, base, frac, inside
 
 
 @functools.cache
@@ -102,14 +112,11 @@ def kernels(features: int):
                 dense: wp.array(dtype=int), levels: wp.array(dtype=int), mask: wp.uint32, with_jacobian: int,
                 out: wp.array2d(dtype=float), jacobian: wp.array3d(dtype=float)):
         i, j = wp.tid()
-        level = levels[j]
-        res = resolutions[level]
-        base, frac, inside = cell(x, i, res)
+        level, res, base, frac, inside = cell(x, i, j, levels, resolutions)
         value = Features()
         d_value = FeatureJacobian()
         for c in range(8):
-            row = corner_row(base[0] + ((c >> 2) & 1), base[1] + ((c >> 1) & 1), base[2] + (c & 1), res, dense[level], mask)
-            w, dw = corner_weight(frac, c)
+            row, w, dw = corner(base, frac, c, res, dense[level], mask)
             for f in range(wp.static(features)):
                 e = table[level, row, f]
                 value[f] += w * e
@@ -126,9 +133,7 @@ def kernels(features: int):
                  levels: wp.array(dtype=int), mask: wp.uint32, grad_out: wp.array2d(dtype=float), with_jacobian: int,
                  grad_jacobian: wp.array3d(dtype=float), grad_table: wp.array3d(dtype=float)):
         i, j = wp.tid()
-        level = levels[j]
-        res = resolutions[level]
-        base, frac, inside = cell(x, i, res)
+        level, res, base, frac, inside = cell(x, i, j, levels, resolutions)
         g = Features()
         g_d = FeatureJacobian()
         for f in range(wp.static(features)):
@@ -137,8 +142,7 @@ def kernels(features: int):
                 for k in range(3):
                     g_d[f, k] = grad_jacobian[i, level * features + f, k] * inside[k] * float(res)
         for c in range(8):
-            row = corner_row(base[0] + ((c >> 2) & 1), base[1] + ((c >> 1) & 1), base[2] + (c & 1), res, dense[level], mask)
-            w, dw = corner_weight(frac, c)
+            row, w, dw = corner(base, frac, c, res, dense[level], mask)
             for f in range(wp.static(features)):
                 wp.atomic_add(grad_table, level, row, f, w * g[f] + dw[0] * g_d[f, 0] + dw[1] * g_d[f, 1] + dw[2] * g_d[f, 2])
 
