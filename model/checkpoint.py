@@ -4,9 +4,11 @@
       config.json          the resolved model configuration (camera featurisation, inference conventions, VAE and
                            encoder weights; relative paths are relative to this directory)
       unet/                UNet + camera MLP as diffusers' save_pretrained writes them
+      unet_ema/            the same with the exponential moving average of the trained weights, when training
+                           keeps one (TrainConfig.ema_decay > 0): what sampling, generate and --init load
       scheduler/           the noise schedule (diffusers DDPMScheduler)
       vae -> ...           a link to the frozen VAE folder the model uses (not a copy)
-      training_state/      optimizer.pt, scheduler.pt (loaded with weights_only=True), state.json
+      training_state/      optimizer.pt, scheduler.pt (loaded with weights_only=True), state.json, ema.json
 
 diffusers' own tooling reads `unet/` with UNet2DConditionModel.from_pretrained; what it does not know
 is the multi-view attention (model/unet.py: MultiViewAttnProcessor on every attn1) and that
@@ -30,18 +32,19 @@ from common.atomic import replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+EMA_WEIGHTS = Path("unet_ema") / "diffusion_pytorch_model.safetensors"
 LEGACY_WEIGHTS = Path("model.safetensors")
 
 
-def write_unet(ckpt: Path, unet, state: Optional[dict] = None) -> None:
-    """`ckpt/unet/` as save_pretrained writes it; `state` (else the UNet's own) as its weights, so a UNet
+def write_unet(ckpt: Path, unet, state: Optional[dict] = None, folder: str = "unet") -> None:
+    """`ckpt/<folder>/` as save_pretrained writes it; `state` (else the UNet's own) as its weights, so a UNet
     on the meta device (a conversion) needs no memory for its parameters."""
     if state is None:
-        unet.save_pretrained(Path(ckpt) / "unet", safe_serialization=True)
+        unet.save_pretrained(Path(ckpt) / folder, safe_serialization=True)
         return
-    unet.save_config(Path(ckpt) / "unet")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(ckpt) / UNET_WEIGHTS),
-              metadata={"format": "pt"})
+    unet.save_config(Path(ckpt) / folder)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+              str(Path(ckpt) / folder / UNET_WEIGHTS.name), metadata={"format": "pt"})
 
 
 def write_scheduler(ckpt: Path, prediction_type: str = "epsilon") -> None:
@@ -49,7 +52,29 @@ def write_scheduler(ckpt: Path, prediction_type: str = "epsilon") -> None:
     noise_schedule(prediction_type).save_pretrained(Path(ckpt) / "scheduler")
 
 
-def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None) -> Path:
+def ema_state(model, ema) -> dict:
+    """The UNet's state dict with every trained parameter replaced by its moving average (diffusers'
+    EMAModel over the parameters that require grad, in named_parameters order)."""
+    state = dict(model.unet.state_dict())
+    names = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    state.update(zip(names, ema.shadow_params))
+    return state
+
+
+def load_ema(path: Path, model, ema) -> None:
+    """A checkpoint's moving average and its step count into `ema` (resume)."""
+    path = Path(path)
+    if not (path / EMA_WEIGHTS).is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no unet_ema/ to resume the moving average from "
+                                "(it was trained with ema_decay=0)")
+    state = load_file(str(path / EMA_WEIGHTS))
+    names = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    ema.shadow_params = [state[n].to(p.device, p.dtype) for n, p in zip(names, ema.shadow_params)]
+    ema.optimization_step = json.loads((path / "training_state" / "ema.json").read_text())["optimization_step"]
+
+
+def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None,
+         ema=None) -> Path:
     final = Path(ckpt_root) / f"step-{step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,6 +89,11 @@ def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extr
         cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, weights=str(Path(cfg.encoder.weights).resolve())))
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     write_unet(tmp, model.unet)
+    if ema is not None:
+        write_unet(tmp, model.unet, ema_state(model, ema), folder="unet_ema")
+        (tmp / "training_state" / "ema.json").write_text(json.dumps(
+            {"optimization_step": ema.optimization_step, "decay": ema.decay, "power": ema.power,
+             "decay_now": ema.get_decay(ema.optimization_step)}))
     write_scheduler(tmp, cfg.prediction_type)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
@@ -136,8 +166,10 @@ def resolve(spec: str, ckpt_root: Path) -> Path:
     return find(path, "--resume")
 
 
-def load_model_weights(model, path: Path) -> None:
-    weights = weights_file(path)
+def load_model_weights(model, path: Path, moving_average: bool = True) -> None:
+    """The checkpoint's UNet weights into model; moving_average: its unet_ema/ when it has one (what
+    sampling and fine-tuning from it use; a resume loads the trained weights with moving_average=False)."""
+    weights = Path(path) / EMA_WEIGHTS if moving_average and (Path(path) / EMA_WEIGHTS).is_file() else weights_file(path)
     if weights is None:
         raise FileNotFoundError(f"checkpoint {path}: no UNet weights (unet/ or model.safetensors)")
     state = load_file(str(weights))
@@ -191,4 +223,5 @@ def identity(path: Path) -> str:
     """What a checkpoint's outputs depend on, cheaply: its config and its weights file's digest."""
     from common.config import config_hash, file_digest
     path = find(path)
-    return config_hash([(path / "config.json").read_text(), file_digest(weights_file(path))])
+    weights = path / EMA_WEIGHTS if (path / EMA_WEIGHTS).is_file() else weights_file(path)   # what load_model loads
+    return config_hash([(path / "config.json").read_text(), file_digest(weights)])

@@ -76,6 +76,11 @@ class TrainConfig:
     save: at sd21 a checkpoint is about 10 GB, and a stage-1 run saves a hundred."""
     sample_steps: int = 50
     guidance: float = 10.0
+    ema_decay: float = 0.0
+    """Exponential moving average of the trained weights (diffusers' EMAModel, with its warm-up
+    decay_t = min(ema_decay, 1 - (1 + t)^-ema_power)), kept by rank 0, saved as unet_ema/ in every
+    checkpoint and used for the validation samples, generate and --init. 0: none."""
+    ema_power: float = 0.6667
 
     @staticmethod
     def tiny(stage: int = 1) -> "TrainConfig":
@@ -119,6 +124,9 @@ class TrainConfig:
         if set(self.data.exclude_flags) - set(FLAGS):
             raise ValueError(f"data.exclude_flags {sorted(set(self.data.exclude_flags) - set(FLAGS))}: unknown; "
                              f"the flags are {', '.join(FLAGS)}")
+        if not 0 <= self.ema_decay < 1 or self.ema_power <= 0:
+            raise ValueError(f"ema_decay {self.ema_decay} / ema_power {self.ema_power}: expected 0 <= ema_decay < 1 "
+                             "(0: no moving average) and ema_power > 0")
         if self.keep_last < 1 or self.keep_every < 0:
             raise ValueError(f"keep_last {self.keep_last} / keep_every {self.keep_every}: expected keep_last >= 1 "
                              "(the newest checkpoint is what a resume needs) and keep_every >= 0")
@@ -229,8 +237,14 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
     start = 0
     if resume:
-        checkpoint.load_model_weights(model, ck)
+        checkpoint.load_model_weights(model, ck, moving_average=False)
         start = checkpoint.load_training_state(ck, opt, sched)
+    ema = None
+    if rank == 0 and cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=cfg.ema_power)
+        if resume:
+            checkpoint.load_ema(ck, model, ema)
     net = model
     if ray_train:
         import ray.train.torch
@@ -266,6 +280,8 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
         history.append(total)
         done = step + 1
         if rank == 0:
@@ -276,9 +292,10 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
                 writer.add_scalar("grad_norm", grad_norm, done)
                 writer.add_scalar("step_seconds", time.perf_counter() - started, done)
             if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
-                saved = checkpoint.save(run / "checkpoints", done, model, opt, sched, {"loss": total})
+                saved = checkpoint.save(run / "checkpoints", done, model, opt, sched, {"loss": total}, ema)
             if done % cfg.val_every == 0 or done == cfg.max_steps:
-                sheet = validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
+                with moving_average(ema, params):
+                    sheet = validation_grid(model, cfg, shown, run / "validation" / f"step-{done:06d}.png")
                 writer.add_image("validation", np.asarray(sheet.convert("RGB")), done, dataformats="HWC")
         if ray_train:
             report_to_ray({"loss": total, "step": done}, saved)
@@ -289,6 +306,20 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     if writer is not None:
         writer.close()
     return {"losses": history, "start": start}
+
+
+@contextlib.contextmanager
+def moving_average(ema, params: list):
+    """The moving average's weights in `params` for the block (none kept: the trained ones), then back."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def report_to_ray(metrics: dict, saved: Optional[Path]) -> None:

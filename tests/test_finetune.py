@@ -70,7 +70,7 @@ def test_resume_gives_the_same_weights_as_training_straight(two_objects, tmp_pat
     # A constant rate: the first half stands in for a run killed at step 3, whose (linear) schedule would
     # still have been the 6-step one. keep_last=1: the straight run prunes step 3 once step 6 is saved, the
     # resumed run keeps it (a resume's own checkpoint is never deleted).
-    cfg = tiny(max_steps=6, ckpt_every=3, lr_schedule="constant", keep_last=1)
+    cfg = tiny(max_steps=6, ckpt_every=3, lr_schedule="constant", keep_last=1, ema_decay=0.9)
     train(cfg, two_objects, tmp_path / "straight")
     assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == ["step-000006"]
     train(dataclasses.replace(cfg, max_steps=3), two_objects, tmp_path / "resumed")
@@ -78,11 +78,48 @@ def test_resume_gives_the_same_weights_as_training_straight(two_objects, tmp_pat
     out = train(cfg, two_objects, tmp_path / "resumed", resume="latest")
     assert out["start"] == 3 and len(out["losses"]) == 3
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
-    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / "unet" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-000006" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    for weights in ("unet", "unet_ema"):                        # the moving average resumes exactly too
+        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / weights / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-000006" / weights / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_the_moving_average_is_diffusers_warm_up_average_of_the_trained_weights(two_objects, tmp_path):
+    """unet_ema/ at step 3 against the average computed here from the weights after each step (diffusers'
+    EMAModel with warm-up: no averaging at step 1, then decay_t = min(decay, 1 - t^-power) at step t + 1);
+    sampling and generate load it, a resume loads the trained weights."""
+    from model import checkpoint
+    cfg = tiny(max_steps=3, ckpt_every=1, keep_last=5, ema_decay=0.5, ema_power=0.75)
+    train(cfg, two_objects, tmp_path)
+    trained = [load_file(str(tmp_path / "checkpoints" / f"step-00000{n}" / "unet" / "diffusion_pytorch_model.safetensors"))
+               for n in (1, 2, 3)]
+    ema = load_file(str(tmp_path / "checkpoints" / "step-000003" / "unet_ema" / "diffusion_pytorch_model.safetensors"))
+    decays = [0.0, min(0.5, 1 - 2 ** -0.75), min(0.5, 1 - 3 ** -0.75)]
+    assert decays[1] < 0.5 == decays[2]                           # the warm-up, then the cap
+    model = MultiViewModel(cfg.model)
+    trainable = {n for n, p in model.unet.named_parameters() if p.requires_grad}
+    moved = 0
+    for k in ema:
+        if k not in trainable:                                    # buffers, frozen parts: as trained
+            assert torch.equal(ema[k], trained[2][k]), k
+            continue
+        expected = trained[0][k]
+        for d, w in zip(decays[1:], trained[1:]):
+            expected = d * expected + (1 - d) * w[k]
+        torch.testing.assert_close(ema[k], expected, rtol=1e-5, atol=1e-6, msg=k)
+        moved += not torch.equal(ema[k], trained[2][k])
+    assert moved > len(trainable) // 2                            # the average is not the last weights
+    step3 = tmp_path / "checkpoints" / "step-000003"
+    assert json.loads((step3 / "training_state" / "ema.json").read_text())["optimization_step"] == 3
+    loaded = checkpoint.load_model(step3)
+    some = next(iter(sorted(trainable)))
+    assert torch.equal(dict(loaded.unet.named_parameters())[some].detach(), ema[some])
+    checkpoint.load_model_weights(loaded, step3, moving_average=False)
+    assert torch.equal(dict(loaded.unet.named_parameters())[some].detach(), trained[2][some])
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny(ema_decay=1.0).validate()
 
 
 # One Ray Train run (2 DDP workers x 1 object per micro-batch, 2 micro-batches accumulated: DDP all-reduces only
