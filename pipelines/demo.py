@@ -1,7 +1,7 @@
 """The whole suite on a laptop: procedural objects -> Blender renders -> tiny model fine-tuned in
 stage 1 and stage 2 -> two objects' images -> meshes, evaluated against their renders and meshes, on a page.
 
-    python pipelines/demo.py                          # outputs/demo-run/ (13.5 minutes measured on 2 cores)
+    python pipelines/demo.py                          # outputs/demo-run/ (6 minutes measured on 2 cores)
     python pipelines/demo.py --force stage2           # redo stage 2 and what depends on it
     python pipelines/demo.py render.resolution=48 generate.steps=200
 
@@ -309,10 +309,12 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
                          "2d": metrics["2d"], "3d": metrics["3d"], "targets": targets_met(metrics)}
         if "error" in metrics:
             objects[role]["error"] = metrics["error"]
+    from pipelines.report import tensorboard_scalars, write_demo_report
+    losses = {name: tensorboard_scalars(d / "tensorboard", "loss") for name, d in (("stage1", stage1), ("stage2", stage2))}
     summary = {"objects": objects, "conditioning": conditioning_check(objects), "stages": stages, "keys": keys,
+               "losses": losses,
                "seconds": {s: stages[s]["seconds"] for s in STAGES}, "cached": {s: stages[s]["cached"] for s in STAGES}}
     atomic_write_json(out / "metrics.json", summary)
-    from pipelines.report import write_demo_report
     write_demo_report(summary, out / "report.html")
     return summary
 

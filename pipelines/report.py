@@ -121,10 +121,41 @@ def write_report(run_dir: Path, output: Path, metrics: dict | None = None, title
     return output
 
 
+def tensorboard_scalars(folder: Path, tag: str) -> list[list[float]]:
+    """[[step, value], ...] of one scalar in the TensorBoard event files of `folder` ([] when there are none)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [[e.step, e.value] for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def curve_svg(points: list, title: str, width: int = 420, height: int = 180) -> str:
+    """An inline SVG line plot of [[step, value], ...]: the steps along x, the values along y (linear),
+    the ranges written at the axes."""
+    if not points:
+        return f"<p>{html.escape(title)}: nothing logged</p>"
+    left, right, top, bottom = 56, 10, 22, 28
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - left - right) / ((x1 - x0) or 1)
+    sy = (height - top - bottom) / ((y1 - y0) or 1)
+    line = " ".join(f"{left + (x - x0) * sx:.1f},{height - bottom - (y - y0) * sy:.1f}" for x, y in points)
+    return (f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>'
+            f'<text x="{left}" y="14" font-size="12">{html.escape(title)}</text>'
+            f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#999"/>'
+            f'<polyline points="{line}" fill="none" stroke="#1565c0" stroke-width="1.2"/>'
+            f'<text x="{left - 4}" y="{top + 10}" font-size="10" text-anchor="end">{y1:.3g}</text>'
+            f'<text x="{left - 4}" y="{height - bottom}" font-size="10" text-anchor="end">{y0:.3g}</text>'
+            f'<text x="{left}" y="{height - 10}" font-size="10">step {x0:g}</text>'
+            f'<text x="{width - right}" y="{height - 10}" font-size="10" text-anchor="end">{x1:g}</text></svg>')
+
+
 def write_demo_report(summary: dict, output: Path) -> Path:
     """The demo's page: per object (seen, held out) the ground truth, the model's sampled views and the
     NeRF's renders at the same cameras (comparison.png), the mesh in a 3D viewer, the metrics against the
-    demo's targets; then each stage's time from the run that did its work."""
+    demo's targets; the loss curves of both fine-tuning stages (summary["losses"]); then each stage's time
+    from the run that did its work."""
     output = Path(output).resolve()
     base = output.parent
     roles = list(summary["objects"])
@@ -161,6 +192,8 @@ def write_demo_report(summary: dict, output: Path) -> Path:
                   "against each object's ground truth.</p><table><tr><th>samples of</th>"
                   + "".join(f"<th>vs {html.escape(summary['objects'][o]['object'])}</th>" for o in roles)
                   + "<th>closest to its own</th></tr>" + cond_rows + "</table>") if cond else ""
+    curves = "".join(curve_svg(points, f"{name}: training loss per step")
+                     for name, points in summary.get("losses", {}).items())
     stage_rows = "".join(
         f"<tr><td>{name}</td><td>{summary['keys'][name]}</td><td>{'reused' if info['cached'] else 'ran'}</td>"
         f"<td>{_fmt(info['seconds'])}</td></tr>" for name, info in summary["stages"].items())
@@ -171,6 +204,8 @@ def write_demo_report(summary: dict, output: Path) -> Path:
 <h1>iso3d demo: the tiny model on the procedural objects</h1>
 {''.join(sections)}
 {cond_table}
+<h2>Fine-tuning</h2>
+<div class="curves">{curves}</div>
 <h2>Stages</h2>
 <table><tr><th>stage</th><th>key</th><th>this run</th><th>seconds (of the run that did the work)</th></tr>{stage_rows}</table>
 </body></html>

@@ -95,6 +95,14 @@ def test_demo_writes_meshes_metrics_and_report_for_a_seen_and_a_held_out_object(
     assert html.count("<model-viewer ") == 2 and "silhouette_iou" in html and html.count("comparison.png") == 2
     assert "demo target" in html and "held out of training" in html
     assert not list(out.glob("*.partial"))
+    # The loss curves: each stage's TensorBoard loss, the last point the loss its final checkpoint recorded.
+    for name in ("stage1", "stage2"):
+        (stage_dir,) = out.glob(f"{name}-*")
+        final = json.loads((stage_dir / "checkpoints" / "step-000002" / "training_state" / "state.json").read_text())
+        assert [p[0] for p in metrics["losses"][name]] == [2]
+        assert metrics["losses"][name][-1][1] == pytest.approx(final["loss"], rel=1e-6)
+        assert f"{name}: training loss per step" in html
+    assert html.count('<svg class="curve"') == 2 and html.count("<polyline") == 2
 
 
 def test_logs_are_plain_lines_and_commands_name_final_paths(demo):

@@ -142,3 +142,20 @@ def test_a_shaded_training_step_with_analytic_normals_matches_the_torch_field():
     assert torch.allclose(a["rgb"], b["rgb"], atol=1e-4) and torch.allclose(a["normal"], b["normal"], atol=1e-3)
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * float(y.abs().max()) + 1e-9)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_kernels_compile_for_cuda_without_a_gpu(arch, tmp_path):
+    """What CI can check of the CUDA build with no GPU: Warp's NVRTC compiles both kernels to PTX for A100 (sm_80)
+    and H100 (sm_90), and the backward's scatter is a real global atomic add there (on the CPU it is a plain add,
+    hence the per-thread levels)."""
+    import warp as wp
+    from optimize3d.hashgrid_warp import init_warp, kernels
+    init_warp()
+    ptx = {}
+    for name, kernel in zip(("forward", "backward"), kernels(2)):
+        (path,) = wp.compile_aot_module(kernel.module, arch=arch, module_dir=tmp_path, use_ptx=True)
+        ptx[name] = path.read_text()
+        assert f".target sm_{arch}" in ptx[name]
+    assert "atom.global.add.f32" in ptx["backward"] or "red.global.add.f32" in ptx["backward"]
+    assert "atom.global" not in ptx["forward"] and "red.global" not in ptx["forward"]   # the forward writes, once
