@@ -48,6 +48,48 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
                                        data_range=1.0, win_size=min(7, min(a.shape[:2]) // 2 * 2 - 1)))
 
 
+class LPIPS:
+    """LPIPS (Zhang et al. 2018) with the lpips package's v0.1 linear layers (shipped with it) over an AlexNet
+    backbone read from a local file: torchvision's alexnet-owt-7be5be79.pth (loaded with weights_only=True:
+    tensors only, no code) or a .safetensors file of the same state dict. Nothing is downloaded.
+
+        score = LPIPS(Path("alexnet-owt-7be5be79.pth"))(image_a, image_b)   # [H, W, 3] in [0, 1]; lower is closer
+    """
+    # torchvision's alexnet.features indices -> the lpips network's five slices
+    SLICES = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
+
+    def __init__(self, backbone: Path):
+        import warnings
+
+        import lpips
+        from safetensors.torch import load_file
+        backbone = Path(backbone)
+        if not backbone.is_file():
+            raise FileNotFoundError(f"LPIPS backbone {backbone}: not a file")
+        try:
+            state = load_file(str(backbone)) if backbone.suffix == ".safetensors" else torch.load(
+                backbone, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (a torch file that is not a plain state dict, or not a torch file)
+            raise ValueError(f"LPIPS backbone {backbone}: unreadable as a state dict ({type(e).__name__})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"LPIPS backbone {backbone}: not a state dict")
+        with warnings.catch_warnings():          # lpips 0.1.4 still passes torchvision's deprecated `pretrained`
+            warnings.simplefilter("ignore", UserWarning)
+            self.model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+        mapped = {f"net.slice{self.SLICES[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": v
+                  for k, v in state.items() if k.startswith("features.")}
+        expected = {k for k in self.model.state_dict() if k.startswith("net.")}
+        if set(mapped) != expected:
+            raise ValueError(f"LPIPS backbone {backbone}: not torchvision's AlexNet state dict "
+                             f"({len(set(mapped) & expected)} of its {len(expected)} feature tensors found)")
+        self.model.load_state_dict(mapped, strict=False)
+
+    @torch.no_grad()
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
+        to = lambda x: torch.as_tensor(np.asarray(x, np.float32)).permute(2, 0, 1)[None]  # noqa: E731
+        return float(self.model(to(a), to(b), normalize=True).reshape(()))
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     union = np.logical_or(a, b).sum()
@@ -140,14 +182,19 @@ def sampled_view_pairs(run_dir: Path, obj) -> list[tuple[np.ndarray, np.ndarray]
             for i, v in enumerate(views)]
 
 
-def sample_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """The 2D stage's metrics from sampled_view_pairs."""
-    return {"psnr": float(np.mean([psnr(a, b) for a, b in pairs])), "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
-            "views": len(pairs), "size": int(pairs[0][0].shape[0])}
+def sample_metrics(pairs: list[tuple[np.ndarray, np.ndarray]], lpips: LPIPS | None = None) -> dict:
+    """The 2D stage's metrics from sampled_view_pairs (with LPIPS when a scorer is given)."""
+    out = {"psnr": float(np.mean([psnr(a, b) for a, b in pairs])), "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+           "views": len(pairs), "size": int(pairs[0][0].shape[0])}
+    if lpips is not None:
+        out["lpips"] = float(np.mean([lpips(a, b) for a, b in pairs]))
+    return out
 
 
-def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path | None, size: int | None = None) -> dict:
-    """gt_mesh None (no source mesh at hand): the mesh metrics (chamfer, volume_iou, colour_error) are left out."""
+def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path | None, size: int | None = None,
+                 lpips: LPIPS | None = None) -> dict:
+    """gt_mesh None (no source mesh at hand): the mesh metrics (chamfer, volume_iou, colour_error) are left out;
+    lpips (an LPIPS scorer): LPIPS of the sampled views and of the NeRF's renders too."""
     from dataset.views import RenderedObject
     run_dir, gt_object_dir = Path(run_dir), Path(gt_object_dir)
     obj = RenderedObject.open(gt_object_dir)
@@ -161,13 +208,15 @@ def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path | None, size:
     mesh = load_mesh(run_dir / "mesh.glb")
     truth = load_mesh(Path(gt_mesh)) if gt_mesh is not None else None
     metrics = {
-        "2d": sample_metrics(pairs2d),
+        "2d": sample_metrics(pairs2d, lpips),
         "3d": {"psnr": float(np.mean([psnr(rgb[i], gt[i][0]) for i in range(len(rgb))])),
                "ssim": float(np.mean([ssim(rgb[i], gt[i][0]) for i in range(len(rgb))])),
                "silhouette_iou": float(np.mean([mask_iou(opacity[i] > 0.5, gt[i][1]) for i in range(len(rgb))])),
                "mean_colour": mean_colour(mesh).round(4).tolist(), "views": len(rgb), "size": size3d},
         "ground_truth": {"object": str(gt_object_dir), "mesh": None if gt_mesh is None else str(gt_mesh)},
     }
+    if lpips is not None:
+        metrics["3d"]["lpips"] = float(np.mean([lpips(rgb[i], gt[i][0]) for i in range(len(rgb))]))
     if truth is not None:
         metrics["3d"].update(chamfer=chamfer_distance(mesh, truth), volume_iou=volume_iou(mesh, truth),
                              colour_error=float(np.abs(mean_colour(mesh) - mean_colour(truth)).max()))

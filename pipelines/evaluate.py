@@ -9,7 +9,8 @@ view 0 (azimuth 0, so the run's frame is the object's) goes through generate.py'
 optimize3d/evaluate.py scores against the object's renders: PSNR and SSIM of the model's 4 sampled views and
 of the NeRF's 16 fixed-view renders, silhouette IoU, and, when the source mesh is found (`--meshes DIR` with
 <uid>.glb, or the render root's sources/*/<uid>.glb), Chamfer distance, volume IoU and colour error of the
-exported mesh. LPIPS is not computed (it needs a backbone's weights; none are loaded), and the summary says so.
+exported mesh; LPIPS with `--lpips-backbone FILE` (torchvision's AlexNet weights, alexnet-owt-7be5be79.pth, or
+the same as .safetensors; the lpips package's own linear layers), otherwise left out, and the summary says so.
 One Ray task per object (a GPU each when the cluster has them: --gpus-per-task); generate's cache makes a rerun
 redo nothing and a killed run resume (each 3D stage from its last field checkpoint).
 
@@ -38,10 +39,11 @@ from pipelines.generate import model_overrides, resolve_config, resolve_model  #
 from render.layout import object_dir, object_dirs  # noqa: E402
 
 # (section, metric, higher is better): the summary's and the page's columns
-METRICS = [("2d", "psnr", True), ("2d", "ssim", True), ("3d", "psnr", True), ("3d", "ssim", True),
+METRICS = [("2d", "psnr", True), ("2d", "ssim", True), ("2d", "lpips", False), ("3d", "psnr", True),
+           ("3d", "ssim", True), ("3d", "lpips", False),
            ("3d", "silhouette_iou", True), ("3d", "chamfer", False), ("3d", "volume_iou", True),
            ("3d", "colour_error", False)]
-LPIPS_NOTE = "LPIPS left out: it needs its backbone's weights, and this evaluation loads none"
+LPIPS_NOTE = "LPIPS left out: it needs its backbone's weights (--lpips-backbone FILE), and none were given"
 
 
 def parse_args(argv):
@@ -52,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--output", type=Path, default=Path("outputs/evaluate"), help="default: %(default)s")
     p.add_argument("--meshes", type=Path, help="a folder of source meshes named <uid>.glb (default: the render "
                    "root's sources/*/<uid>.glb; without one an object's mesh metrics are left out)")
+    p.add_argument("--lpips-backbone", type=Path, help="torchvision's AlexNet weights (alexnet-owt-7be5be79.pth or "
+                   ".safetensors), for LPIPS; without it LPIPS is left out")
     p.add_argument("--config", default="auto", help="as generate.py's --config")
     p.add_argument("--steps", type=int, help="3D-stage steps (tiny: 300, sd21: 10000)")
     p.add_argument("--seed", type=int)
@@ -72,9 +76,9 @@ def source_mesh(render_root: Path, meshes: Path | None, uid: str) -> Path | None
 
 
 def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: Path, out: Path, cfg, cmd: str,
-                    device: str | None, overrides: list[str]) -> dict:
+                    device: str | None, overrides: list[str], lpips_backbone: Path | None = None) -> dict:
     """One object: its fixed view 0 -> generate (cached by its key) -> metrics (kept in the run once made)."""
-    from optimize3d.evaluate import evaluate_run
+    from optimize3d.evaluate import LPIPS, evaluate_run
     from optimize3d.image_to_3d import generate
     image = out / "inputs" / f"{uid}.png"
     image.parent.mkdir(parents=True, exist_ok=True)
@@ -85,19 +89,22 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
         result = generate(image, checkpoint, out / "runs" / uid, cfg, cmd=cmd, progress=False, device=device,
                           model_overrides=overrides)
         run = Path(result["output"])
-        if (run / "metrics.json").is_file():                 # the run's metrics, made by an earlier evaluation
-            metrics, evaluated = json.loads((run / "metrics.json").read_text()), False
+        earlier = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+        if earlier is not None and (lpips_backbone is None or "lpips" in earlier["2d"]):
+            metrics, evaluated = earlier, False              # made by an earlier evaluation of this run
         else:
-            metrics, evaluated = evaluate_run(run, object_dir(render_root, uid), mesh), True
+            scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
+            metrics, evaluated = evaluate_run(run, object_dir(render_root, uid), mesh, lpips=scorer), True
     except Exception as e:  # noqa: BLE001  (one object's failure is a row of the report, not the end of the others)
         return {"uid": uid, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
     return {"uid": uid, "status": "evaluated" if evaluated else "cached", "generate": result["status"],
             "run": str(run), "input": str(image), "metrics": metrics}
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], lpips_backbone: Path | None = None) -> dict:
+    note = LPIPS_NOTE if lpips_backbone is None else f"LPIPS: AlexNet backbone {lpips_backbone}, lpips 0.1.4 linear layers v0.1"
     out = {"objects": len(rows), "failed": {r["uid"]: r["error"] for r in rows if r["status"] == "failed"},
-           "notes": [LPIPS_NOTE], "metrics": {}}
+           "notes": [note], "metrics": {}}
     for section, name, higher in METRICS:
         values = [(r["metrics"][section][name], r["uid"]) for r in rows
                   if r["status"] != "failed" and r["metrics"].get(section, {}).get(name) is not None]
@@ -171,11 +178,12 @@ def run_all(uids: list[str], args, cfg, cmd: str) -> list[dict]:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     root, out, checkpoint = args.objects.resolve(), args.output.resolve(), args.checkpoint.resolve()
     meshes = args.meshes.resolve() if args.meshes else None
+    lpips_backbone = args.lpips_backbone.resolve() if args.lpips_backbone else None
 
     @ray.remote(num_cpus=args.cpus_per_task, num_gpus=gpus, max_retries=0)
     def one(uid: str) -> dict:
         return evaluate_object(uid, root, source_mesh(root, meshes, uid), checkpoint, out, cfg, cmd, args.device,
-                               model_overrides(args))
+                               model_overrides(args), lpips_backbone)
 
     from tqdm import tqdm
     pending, rows = [one.remote(uid) for uid in uids], []
@@ -204,6 +212,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--objects {args.objects}: {len(missing)} objects have no fixed/000.png, e.g. {missing[0]}")
         if args.meshes is not None and not args.meshes.is_dir():
             raise ValueError(f"--meshes {args.meshes}: not a folder")
+        if args.lpips_backbone is not None:
+            from optimize3d.evaluate import LPIPS
+            LPIPS(args.lpips_backbone)               # a wrong file is refused before any object runs
         model_cfg = resolve_model(args)
         # the renders' own framing: the NeRF is compared with the renders at their cameras
         cfg = resolve_config(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, "preprocess.frame=false"]}),
@@ -213,10 +224,11 @@ def main(argv=None) -> int:
         return 2
     (args.output / "objects").mkdir(parents=True, exist_ok=True)
     rows = run_all(uids, args, cfg, cmd)
-    summary = summarise(rows)
+    summary = summarise(rows, args.lpips_backbone)
     atomic_write_json(args.output / "summary.json", summary)
     page = write_page(rows, summary, args.output)
-    print(LPIPS_NOTE, file=sys.stderr)
+    if args.lpips_backbone is None:
+        print(LPIPS_NOTE, file=sys.stderr)
     print(json.dumps({"summary": str(args.output / "summary.json"), "page": str(page), "objects": len(rows),
                       "failed": len(summary["failed"])}, indent=1))
     return 1 if summary["failed"] else 0

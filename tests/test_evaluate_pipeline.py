@@ -13,6 +13,7 @@ import pytest
 
 from render.layout import object_dir, object_dirs
 from tests.conftest import ROOT, chromium_path, run_main
+from tests.test_evaluate import alexnet_file
 
 SCRIPT = str(ROOT / "pipelines" / "evaluate.py")
 FAST = ["--steps", "12", "--no-progress", "val_every=6", "ckpt_every=4", "export.resolution=48",
@@ -33,10 +34,12 @@ def evaluated(rendered_demo, tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     root, uids = render_root_of(rendered_demo, tmp, 3)
     out = tmp / "out"
+    backbone = alexnet_file(tmp / "alexnet.pth")
     r = subprocess.run([sys.executable, SCRIPT, "--objects", str(root), "--checkpoint", str(tiny_checkpoint),
-                        "--output", str(out), *FAST], capture_output=True, text=True, timeout=900)
+                        "--output", str(out), "--lpips-backbone", str(backbone), *FAST],
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "LPIPS left out" in r.stderr
+    assert "LPIPS left out" not in r.stderr
     return root, uids, out, tiny_checkpoint
 
 
@@ -49,10 +52,12 @@ def test_every_object_gets_metrics_and_the_summary_adds_them_up(evaluated):
         assert m["ground_truth"]["mesh"].endswith(f"{uid}.glb")           # the render root's own source mesh
         assert 5 < m["2d"]["psnr"] < 40 and 5 < m["3d"]["psnr"] < 40
         assert 0 < m["3d"]["silhouette_iou"] <= 1 and 0 <= m["3d"]["volume_iou"] <= 1 and m["3d"]["chamfer"] > 0
+        assert m["2d"]["lpips"] > 0 and m["3d"]["lpips"] > 0                # --lpips-backbone given
         assert os.path.isfile(os.path.join(row["run"], "comparison.png"))
         assert os.path.basename(row["run"]).startswith(uid)                # the run is named after the object
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["objects"] == 3 and summary["failed"] == {} and "LPIPS left out" in summary["notes"][0]
+    assert summary["objects"] == 3 and summary["failed"] == {} and summary["notes"][0].startswith("LPIPS: AlexNet backbone")
+    assert summary["metrics"]["2d.lpips"]["worst"] == max(rows[u]["metrics"]["2d"]["lpips"] for u in uids)
     iou = [rows[u]["metrics"]["3d"]["silhouette_iou"] for u in uids]
     s = summary["metrics"]["3d.silhouette_iou"]
     assert s["mean"] == pytest.approx(statistics.fmean(iou)) and s["median"] == pytest.approx(statistics.median(iou))
@@ -85,7 +90,8 @@ def test_a_rerun_redoes_nothing(evaluated, capsys):
     root, uids, out, checkpoint = evaluated
     runs = {u: json.loads((out / "objects" / f"{u}.json").read_text())["run"] for u in uids}
     before = {u: os.stat(os.path.join(runs[u], "metrics.json")).st_mtime_ns for u in uids}
-    code, stdout, _ = run_main("evaluate", ["--objects", root, "--checkpoint", checkpoint, "--output", out, *FAST], capsys)
+    code, stdout, _ = run_main("evaluate", ["--objects", root, "--checkpoint", checkpoint, "--output", out,
+                                            "--lpips-backbone", out.parent / "alexnet.pth", *FAST], capsys)
     assert code == 0, stdout
     for u in uids:
         row = json.loads((out / "objects" / f"{u}.json").read_text())
@@ -93,12 +99,17 @@ def test_a_rerun_redoes_nothing(evaluated, capsys):
         assert os.stat(os.path.join(runs[u], "metrics.json")).st_mtime_ns == before[u]
 
 
-def test_bad_render_roots_are_one_line_errors(tmp_path, tiny_checkpoint, capsys):
+def test_bad_render_roots_and_backbones_are_one_line_errors(rendered_demo, tmp_path, tiny_checkpoint, capsys):
     code, _, err = run_main("evaluate", ["--objects", tmp_path / "none", "--checkpoint", tiny_checkpoint], capsys)
     assert code == 2 and err.strip() == f"evaluate.py: error: --objects {tmp_path / 'none'}: not a folder"
     (tmp_path / "empty").mkdir()
     code, _, err = run_main("evaluate", ["--objects", tmp_path / "empty", "--checkpoint", tiny_checkpoint], capsys)
     assert code == 2 and "no rendered objects" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    code, _, err = run_main("evaluate", ["--objects", rendered_demo, "--checkpoint", tiny_checkpoint,
+                                         "--lpips-backbone", tmp_path / "junk.pth", "--output", tmp_path / "out"], capsys)
+    assert code == 2 and err.strip().startswith("evaluate.py: error: LPIPS backbone") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()                     # refused before anything was written
 
 
 def test_a_killed_evaluation_resumes(rendered_demo, tiny_checkpoint, tmp_path):
@@ -116,7 +127,9 @@ def test_a_killed_evaluation_resumes(rendered_demo, tiny_checkpoint, tmp_path):
     assert list((out / "runs" / uid).glob("*.partial")) and not (out / "objects" / f"{uid}.json").exists()
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "LPIPS left out" in r.stderr                       # no --lpips-backbone: said in one line
     row = json.loads((out / "objects" / f"{uid}.json").read_text())
+    assert "lpips" not in row["metrics"]["2d"]
     assert row["status"] == "evaluated" and not list((out / "runs" / uid).glob("*.partial"))
     with open(os.path.join(row["run"], "generate.log")) as log:
         assert "resumed from" in log.read()
