@@ -3,6 +3,8 @@
     python bench/generate.py                 # random-weight tiny model: speed only, no checkpoint needed
     python bench/generate.py --device cuda   # on a GPU (the nerfacc marcher is then available too)
 
+0. The hash encoding alone (50,000 points; tiny and sd21 grids; torch and fused): forward, + Jacobian,
+   + backward, in ms.
 1. Score-distillation steps/s at the tiny settings (4 views at 32 px, 64 samples per ray), per phase
    (albedo, shaded), normal type (finite differences; analytic, the released) and hash grid (torch; fused,
    the Warp kernels), all in one run, with the time split into field, guidance and backward; the tiny
@@ -96,6 +98,37 @@ def sds_speed(device, steps: int) -> dict:
                           "now_fused_analytic_s_per_step": round(now, 3), "speedup": round(before / now, 2),
                           "fused_finite_difference_s_per_step": round(preset("fused", "finite_difference"), 3),
                           "torch_analytic_s_per_step": round(preset("torch", "analytic"), 3)}
+    return out
+
+
+def encoding_speed(points: int = 50_000, repeats: int = 5) -> dict:
+    """The hash encoding alone, both implementations: forward; forward + Jacobian; forward + Jacobian +
+    backward of both, on `points` uniform points (median ms of `repeats`, after a warm-up)."""
+    from optimize3d.field import build_hash_grid
+    out = {}
+    x = torch.rand(points, 3, generator=torch.Generator().manual_seed(0))
+    for preset in ("tiny", "sd21"):
+        for impl in ("torch", "fused"):
+            cfg = getattr(FieldConfig, preset)()
+            cfg.hash_implementation = impl
+            grid = build_hash_grid(cfg)
+
+            def full():
+                h, j = grid.with_jacobian(x)
+                (h.sum() + j.sum()).backward()
+            runs = {"forward_ms": lambda: grid(x).detach(), "forward_jacobian_ms": lambda: grid.with_jacobian(x),
+                    "forward_jacobian_backward_ms": full}
+            row = {}
+            for name, fn in runs.items():
+                times = []
+                for _ in range(repeats + 1):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                row[name] = round(float(np.median(times[1:])) * 1000, 1)
+            out[f"{preset}/{impl}"] = row
+        out[f"{preset}/speedup"] = round(out[f"{preset}/torch"]["forward_jacobian_backward_ms"]
+                                         / out[f"{preset}/fused"]["forward_jacobian_backward_ms"], 2)
     return out
 
 
@@ -262,7 +295,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     result = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-              "torch": torch.__version__, "sds_tiny": sds_speed(device, args.steps),
+              "torch": torch.__version__, "encoding_50k_points": encoding_speed() if device.type == "cpu" else None,
+              "sds_tiny": sds_speed(device, args.steps),
               "marching": marching(device, args.size),
               "field_memory_cpu": field_memory() if device.type == "cpu" else None,
               "reconstruction": reconstruction_speed(args.steps * 3) if device.type == "cpu" else None,
