@@ -52,7 +52,7 @@ class FieldConfig:
     @staticmethod
     def tiny() -> "FieldConfig":
         # analytic normals, as released: with the fused grid they cost less than finite differences
-        # (bench/results/generate-cpu-2core.json: 0.155 against 0.212 s per step on 2 cores)
+        # (bench/results/generate-cpu-2core.json: 0.136 against 0.183 s per step on 2 cores)
         return FieldConfig(levels=6, log2_table_size=17, base_resolution=8, per_level_scale=1.45, hidden=32,
                            normal_eps=0.02)
 
