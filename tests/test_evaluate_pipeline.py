@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,24 +113,44 @@ def test_bad_render_roots_and_backbones_are_one_line_errors(rendered_demo, tmp_p
     assert not (tmp_path / "out").exists()                     # refused before anything was written
 
 
+def processes_marked(marker: bytes) -> list[int]:
+    """PIDs of live processes whose environment holds `marker` (the driver's, inherited by its Ray workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker in (d / "environ").read_bytes() and (d / "stat").read_text().split(") ")[-1][0] != "Z":
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
 def test_a_killed_evaluation_resumes(rendered_demo, tiny_checkpoint, tmp_path):
-    """Killed (the driver's process group, Ray's head with it) once the object's 3D stage wrote its step-4
-    checkpoint; the next run resumes that run folder and finishes the evaluation."""
+    """Killed once the object's 3D stage wrote its step-4 checkpoint: the driver's process group (Ray's head
+    with it) and the Ray worker running the object (in its own process group; it would otherwise finish the
+    object before it noticed). The next run resumes that run folder and finishes the evaluation."""
     root, (uid,) = render_root_of(rendered_demo, tmp_path, 1)
     out = tmp_path / "out"
     args = [sys.executable, SCRIPT, "--objects", str(root), "--checkpoint", str(tiny_checkpoint), "--output", str(out), *FAST]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = f"ISO3D_TEST_KILLED_EVALUATION={tmp_path}"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "ISO3D_TEST_KILLED_EVALUATION": str(tmp_path)})
     deadline = time.time() + 300               # a readiness wait, not a timing assertion
     while not list((out / "runs" / uid).glob("*.partial/nerf/step-000004")) and time.time() < deadline:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in processes_marked(marker.encode() + b"\0"):
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 60
+    while processes_marked(marker.encode() + b"\0") and time.time() < deadline:
+        time.sleep(0.1)
     assert list((out / "runs" / uid).glob("*.partial")) and not (out / "objects" / f"{uid}.json").exists()
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LPIPS left out" in r.stderr                       # no --lpips-backbone: said in one line
     row = json.loads((out / "objects" / f"{uid}.json").read_text())
     assert "lpips" not in row["metrics"]["2d"]
-    assert row["status"] == "evaluated" and not list((out / "runs" / uid).glob("*.partial"))
+    assert row["status"] == "evaluated" and row["generate"] == "ok" and not list((out / "runs" / uid).glob("*.partial"))
     with open(os.path.join(row["run"], "generate.log")) as log:
         assert "resumed from" in log.read()
