@@ -36,6 +36,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
              log_to_driver=False, **kwargs)
 
 
+def map_tasks(fn, items: list, address: str | None, cpus_per_task: float, gpus_per_task: float | None,
+              desc: str, progress: bool = True):
+    """fn(item) as one Ray task per item (no retries), on `address` or a local Ray; yields the results as they
+    finish, with a progress bar. gpus_per_task None: 1 when the cluster has GPUs, else 0."""
+    init_ray(address)
+    import ray
+    from tqdm import tqdm
+    if gpus_per_task is None:
+        gpus_per_task = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=0)(fn)
+    pending = [task.remote(item) for item in items]
+    with tqdm(total=len(pending), desc=desc, disable=not progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+            bar.update(1)
+
+
 def is_loopback(address: str) -> bool:
     from urllib.parse import urlsplit
     host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""

@@ -52,12 +52,21 @@ def write_scheduler(ckpt: Path, prediction_type: str = "epsilon") -> None:
     noise_schedule(prediction_type).save_pretrained(Path(ckpt) / "scheduler")
 
 
+def trained_names(model) -> list[str]:
+    """The UNet parameters training updates (and EMAModel averages), in named_parameters order."""
+    return [n for n, p in model.unet.named_parameters() if p.requires_grad]
+
+
+def sampling_weights(path: Path) -> Optional[Path]:
+    """The weights a checkpoint samples with: its moving average (unet_ema/) when it has one, else weights_file."""
+    return Path(path) / EMA_WEIGHTS if (Path(path) / EMA_WEIGHTS).is_file() else weights_file(path)
+
+
 def ema_state(model, ema) -> dict:
     """The UNet's state dict with every trained parameter replaced by its moving average (diffusers'
     EMAModel over the parameters that require grad, in named_parameters order)."""
     state = dict(model.unet.state_dict())
-    names = [n for n, p in model.unet.named_parameters() if p.requires_grad]
-    state.update(zip(names, ema.shadow_params))
+    state.update(zip(trained_names(model), ema.shadow_params))
     return state
 
 
@@ -68,8 +77,7 @@ def load_ema(path: Path, model, ema) -> None:
         raise FileNotFoundError(f"checkpoint {path}: no unet_ema/ to resume the moving average from "
                                 "(it was trained with ema_decay=0)")
     state = load_file(str(path / EMA_WEIGHTS))
-    names = [n for n, p in model.unet.named_parameters() if p.requires_grad]
-    ema.shadow_params = [state[n].to(p.device, p.dtype) for n, p in zip(names, ema.shadow_params)]
+    ema.shadow_params = [state[n].to(p.device, p.dtype) for n, p in zip(trained_names(model), ema.shadow_params)]
     ema.optimization_step = json.loads((path / "training_state" / "ema.json").read_text())["optimization_step"]
 
 
@@ -169,7 +177,7 @@ def resolve(spec: str, ckpt_root: Path) -> Path:
 def load_model_weights(model, path: Path, moving_average: bool = True) -> None:
     """The checkpoint's UNet weights into model; moving_average: its unet_ema/ when it has one (what
     sampling and fine-tuning from it use; a resume loads the trained weights with moving_average=False)."""
-    weights = Path(path) / EMA_WEIGHTS if moving_average and (Path(path) / EMA_WEIGHTS).is_file() else weights_file(path)
+    weights = sampling_weights(path) if moving_average else weights_file(path)
     if weights is None:
         raise FileNotFoundError(f"checkpoint {path}: no UNet weights (unet/ or model.safetensors)")
     state = load_file(str(weights))
@@ -223,5 +231,4 @@ def identity(path: Path) -> str:
     """What a checkpoint's outputs depend on, cheaply: its config and its weights file's digest."""
     from common.config import config_hash, file_digest
     path = find(path)
-    weights = path / EMA_WEIGHTS if (path / EMA_WEIGHTS).is_file() else weights_file(path)   # what load_model loads
-    return config_hash([(path / "config.json").read_text(), file_digest(weights)])
+    return config_hash([(path / "config.json").read_text(), file_digest(sampling_weights(path))])

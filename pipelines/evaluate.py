@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from common.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from common.config import ConfigError  # noqa: E402
 from pipelines.generate import model_overrides, resolve_config, resolve_model  # noqa: E402
+from pipelines.report import STYLE, _rel  # noqa: E402
 from render.layout import object_dir, object_dirs  # noqa: E402
 
 # (section, metric, higher is better): the summary's and the page's columns
@@ -67,6 +68,8 @@ def parse_args(argv):
     p.add_argument("overrides", nargs="*", help="key.sub=value: GenerateConfig fields, or model.* fields")
     args = p.parse_args(argv)
     args.remove_background, args.segmenter, args.strict = False, None, False   # renders carry their alpha
+    # the renders' own framing: the NeRF is compared with the renders at their cameras
+    args.overrides = [*args.overrides, "preprocess.frame=false"]
     return args
 
 
@@ -120,7 +123,7 @@ def summarise(rows: list[dict], lpips_backbone: Path | None = None) -> dict:
 def write_page(rows: list[dict], summary: dict, out: Path) -> Path:
     """index.html: the summary, then a row per object; a click on a column heading sorts by it."""
     def rel(p: str) -> str:
-        return html.escape(Path(p).resolve().relative_to(out.resolve()).as_posix())
+        return _rel(Path(p).resolve(), out.resolve())
 
     def cell(value) -> str:
         return f"<td data-v='{value:.6g}'>{value:.3f}</td>" if isinstance(value, float) else "<td data-v=''>–</td>"
@@ -141,8 +144,7 @@ def write_page(rows: list[dict], summary: dict, out: Path) -> Path:
         f"<tr><td>{html.escape(k)}</td><td>{v['mean']:.3f}</td><td>{v['median']:.3f}</td><td>{v['worst']:.3f} "
         f"({html.escape(v['worst_object'])})</td><td>{v['count']}</td></tr>" for k, v in summary["metrics"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>iso3d evaluation</title>
-<style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px}}
-th{{cursor:pointer;background:#eee}}</style></head><body>
+{STYLE}<style>#objects th{{cursor:pointer;background:#eee}}</style></head><body>
 <h1>Evaluation: {len(rows)} objects</h1>
 <p>{html.escape(' '.join(summary['notes']))}. Failed: {len(summary['failed'])}.</p>
 <table id="summary"><tr><th>metric</th><th>mean</th><th>median</th><th>worst</th><th>objects</th></tr>{summary_rows}</table>
@@ -170,30 +172,19 @@ function sortBy(col) {{
 
 
 def run_all(uids: list[str], args, cfg, cmd: str) -> list[dict]:
-    from common.ray_local import init_ray
-    init_ray(args.address)
-    import ray
-    gpus = args.gpus_per_task
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    from common.ray_local import map_tasks
     root, out, checkpoint = args.objects.resolve(), args.output.resolve(), args.checkpoint.resolve()
     meshes = args.meshes.resolve() if args.meshes else None
     lpips_backbone = args.lpips_backbone.resolve() if args.lpips_backbone else None
 
-    @ray.remote(num_cpus=args.cpus_per_task, num_gpus=gpus, max_retries=0)
     def one(uid: str) -> dict:
         return evaluate_object(uid, root, source_mesh(root, meshes, uid), checkpoint, out, cfg, cmd, args.device,
                                model_overrides(args), lpips_backbone)
 
-    from tqdm import tqdm
-    pending, rows = [one.remote(uid) for uid in uids], []
-    with tqdm(total=len(pending), desc="objects", disable=args.no_progress) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            row = ray.get(ready[0])
-            atomic_write_json(out / "objects" / f"{row['uid']}.json", row)
-            rows.append(row)
-            bar.update(1)
+    rows = []
+    for row in map_tasks(one, uids, args.address, args.cpus_per_task, args.gpus_per_task, "objects", not args.no_progress):
+        atomic_write_json(out / "objects" / f"{row['uid']}.json", row)
+        rows.append(row)
     return sorted(rows, key=lambda r: r["uid"])
 
 
@@ -216,9 +207,7 @@ def main(argv=None) -> int:
             from optimize3d.evaluate import LPIPS
             LPIPS(args.lpips_backbone)               # a wrong file is refused before any object runs
         model_cfg = resolve_model(args)
-        # the renders' own framing: the NeRF is compared with the renders at their cameras
-        cfg = resolve_config(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, "preprocess.frame=false"]}),
-                             model_cfg)
+        cfg = resolve_config(args, model_cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -176,30 +176,18 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def run_many(images, args, cfg, cmd) -> list[dict]:
-    from common.ray_local import init_ray
-    init_ray(args.address)
-    import ray
-    gpus = args.gpus_per_task
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    from common.ray_local import map_tasks
+    checkpoint, output = args.checkpoint.resolve(), args.output.resolve()
 
-    @ray.remote(num_cpus=args.cpus_per_task, num_gpus=gpus, max_retries=0)
     def one(image: str) -> dict:
         try:
-            return generate(Path(image), args.checkpoint.resolve(), args.output.resolve(), cfg, cmd=cmd, progress=False,
+            return generate(Path(image), checkpoint, output, cfg, cmd=cmd, progress=False,
                             device=args.device, model_overrides=model_overrides(args))
         except (InputImageError, EmptyMeshError, FileNotFoundError, ValueError) as e:
             return {"image": image, "status": "failed", "error": str(e)}
 
-    from tqdm import tqdm
-    refs = {one.remote(str(p.resolve())): p for p in images}
-    results, pending = [], list(refs)
-    with tqdm(total=len(refs), desc="images", disable=args.no_progress) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            results.append(ray.get(ready[0]))
-            bar.update(1)
-    return results
+    return list(map_tasks(one, [str(p.resolve()) for p in images], args.address, args.cpus_per_task,
+                          args.gpus_per_task, "images", not args.no_progress))
 
 
 def main(argv=None) -> int:
