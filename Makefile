@@ -20,7 +20,11 @@ pipelines/web/node_modules/.installed: pipelines/web/package.json pipelines/web/
 setup-browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
+# The venv takes 8.4 GB (torch's CUDA libraries 4.1 GB, bpy 0.8 GB, warp 0.4 GB): refuse at once, not mid-install
+SETUP_NEEDS_MB ?= 8800
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@free=$$(df -Pm . | awk 'NR==2 {print $$4}'); if [ "$$free" -lt $(SETUP_NEEDS_MB) ]; then \
+	  echo "make setup: $$free MB free on $$(df -P . | awk 'NR==2 {print $$6}'), the venv needs about $(SETUP_NEEDS_MB) MB (SETUP_NEEDS_MB=0 skips this check)"; exit 1; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU-loadable pair; a later resolver run would otherwise pick another torch
