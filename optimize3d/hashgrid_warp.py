@@ -101,15 +101,16 @@ def cell(x: wp.array2d(dtype=float), i: int, j: int, levels: wp.array(dtype=int)
 
 
 @functools.cache
-def kernels(features: int):
-    """The forward and backward kernels for `features` per level (a compile-time constant, so the
-    per-point sums stay in registers)."""
+def kernels(features: int, with_jacobian: bool):
+    """The forward and backward kernels for `features` per level, with or without the Jacobian (both
+    compile-time constants: the per-point sums stay in registers, and a value-only kernel does none of
+    the Jacobian's arithmetic; measured 35% faster for the forward)."""
     Features = wp.types.vector(length=features, dtype=float)
     FeatureJacobian = wp.types.matrix(shape=(features, 3), dtype=float)
 
     @wp.kernel(module="unique", enable_backward=False)
     def forward(x: wp.array2d(dtype=float), table: wp.array3d(dtype=float), resolutions: wp.array(dtype=int),
-                dense: wp.array(dtype=int), levels: wp.array(dtype=int), mask: wp.uint32, with_jacobian: int,
+                dense: wp.array(dtype=int), levels: wp.array(dtype=int), mask: wp.uint32,
                 out: wp.array2d(dtype=float), jacobian: wp.array3d(dtype=float)):
         i, j = wp.tid()
         level, res, base, frac, inside = cell(x, i, j, levels, resolutions)
@@ -120,17 +121,18 @@ def kernels(features: int):
             for f in range(wp.static(features)):
                 e = table[level, row, f]
                 value[f] += w * e
-                for k in range(3):
-                    d_value[f, k] += dw[k] * e
+                if wp.static(with_jacobian):
+                    for k in range(3):
+                        d_value[f, k] += dw[k] * e
         for f in range(wp.static(features)):
             out[i, level * features + f] = value[f]
-            if with_jacobian != 0:
+            if wp.static(with_jacobian):
                 for k in range(3):
                     jacobian[i, level * features + f, k] = d_value[f, k] * inside[k] * float(res)
 
     @wp.kernel(module="unique", enable_backward=False)
     def backward(x: wp.array2d(dtype=float), resolutions: wp.array(dtype=int), dense: wp.array(dtype=int),
-                 levels: wp.array(dtype=int), mask: wp.uint32, grad_out: wp.array2d(dtype=float), with_jacobian: int,
+                 levels: wp.array(dtype=int), mask: wp.uint32, grad_out: wp.array2d(dtype=float),
                  grad_jacobian: wp.array3d(dtype=float), grad_table: wp.array3d(dtype=float)):
         i, j = wp.tid()
         level, res, base, frac, inside = cell(x, i, j, levels, resolutions)
@@ -138,13 +140,16 @@ def kernels(features: int):
         g_d = FeatureJacobian()
         for f in range(wp.static(features)):
             g[f] = grad_out[i, level * features + f]
-            if with_jacobian != 0:
+            if wp.static(with_jacobian):
                 for k in range(3):
                     g_d[f, k] = grad_jacobian[i, level * features + f, k] * inside[k] * float(res)
         for c in range(8):
             row, w, dw = corner(base, frac, c, res, dense[level], mask)
             for f in range(wp.static(features)):
-                wp.atomic_add(grad_table, level, row, f, w * g[f] + dw[0] * g_d[f, 0] + dw[1] * g_d[f, 1] + dw[2] * g_d[f, 2])
+                if wp.static(with_jacobian):
+                    wp.atomic_add(grad_table, level, row, f, w * g[f] + dw[0] * g_d[f, 0] + dw[1] * g_d[f, 1] + dw[2] * g_d[f, 2])
+                else:
+                    wp.atomic_add(grad_table, level, row, f, w * g[f])
 
     return forward, backward
 
@@ -161,8 +166,8 @@ class _Encode(torch.autograd.Function):
         out = torch.empty(n, levels * features, device=x01.device, dtype=torch.float32)
         jacobian = torch.empty((n, levels * features, 3) if with_jacobian else (1, 1, 3), device=x01.device,
                                dtype=torch.float32)
-        grid.launch(kernels(features)[0], n, [x01, table.detach(), grid.level_resolution, grid.level_dense],
-                    [grid.mask, int(with_jacobian), out, jacobian])
+        grid.launch(kernels(features, with_jacobian)[0], n, [x01, table.detach(), grid.level_resolution, grid.level_dense],
+                    [grid.mask, out, jacobian])
         ctx.save_for_backward(x01)
         ctx.grid, ctx.with_jacobian, ctx.table_shape = grid, with_jacobian, table.shape
         if not with_jacobian:
@@ -174,15 +179,15 @@ class _Encode(torch.autograd.Function):
     def backward(ctx, grad_out, grad_jacobian):
         (x01,) = ctx.saved_tensors
         levels, _, features = ctx.table_shape
-        grad_table = torch.zeros(ctx.table_shape, device=x01.device, dtype=torch.float32)
+        grad_table = torch.empty(ctx.table_shape, device=x01.device, dtype=torch.float32)   # zeroed by launch
         if grad_out is None:
             grad_out = torch.zeros(x01.shape[0], levels * features, device=x01.device)
         use_jacobian = ctx.with_jacobian and grad_jacobian is not None
         if not use_jacobian:
             grad_jacobian = torch.zeros(1, 1, 3, device=x01.device)
-        ctx.grid.launch(kernels(features)[1], x01.shape[0], [x01, ctx.grid.level_resolution, ctx.grid.level_dense],
-                        [ctx.grid.mask, grad_out.float().contiguous(), int(use_jacobian),
-                         grad_jacobian.float().contiguous(), grad_table])
+        ctx.grid.launch(kernels(features, use_jacobian)[1], x01.shape[0], [x01, ctx.grid.level_resolution, ctx.grid.level_dense],
+                        [ctx.grid.mask, grad_out.float().contiguous(), grad_jacobian.float().contiguous(), grad_table],
+                        zero_first=grad_table)
         return None, grad_table, None, None
 
 
@@ -197,12 +202,18 @@ class FusedHashGrid(TorchHashGrid):
         self.register_buffer("level_dense", torch.tensor([int((r + 1) ** 3 <= self.table) for r in self.resolutions],
                                                          dtype=torch.int32), persistent=False)
 
-    def launch(self, kernel, n: int, level_inputs: list, rest: list) -> None:
+    def launch(self, kernel, n: int, level_inputs: list, rest: list, zero_first=None) -> None:
         """Run `kernel` over n points x all levels on the inputs' device: on CUDA one launch on torch's
-        current stream; on the CPU the levels dealt round-robin to torch.get_num_threads() threads."""
+        current stream; on the CPU the levels dealt round-robin to torch.get_num_threads() threads.
+        zero_first: a [levels, ...] tensor zeroed before the kernel runs; on the CPU each thread zeroes its
+        own levels, so the rows it then adds into are already in its core's cache (zeroed by torch's own
+        threads instead, the backward took 6.2 ms rather than 3.9 for 30k points on 2 cores)."""
+        device = level_inputs[0].device
+        if zero_first is not None and (n == 0 or device.type == "cuda"):
+            zero_first.zero_()
+            zero_first = None
         if n == 0:
             return
-        device = level_inputs[0].device
         wp_device = wp.device_from_torch(device)
         args = [wp.from_torch(t) if isinstance(t, torch.Tensor) else t for t in level_inputs]
         tail = [wp.from_torch(t) if isinstance(t, torch.Tensor) else t for t in rest]
@@ -216,11 +227,14 @@ class FusedHashGrid(TorchHashGrid):
         shares = [torch.arange(t, levels, threads, dtype=torch.int32) for t in range(threads)]
 
         def run(ids):
+            if zero_first is not None:
+                for level in ids.tolist():
+                    zero_first[level].zero_()
             wp.launch(kernel, dim=(n, ids.numel()), inputs=[*args, wp.from_torch(ids), *tail], device=wp_device)
-        if threads == 1:
-            run(shares[0])
-        else:
-            list(cpu_pool(threads).map(run, shares))            # ctypes releases the GIL during each launch
+        others = [cpu_pool(threads - 1).submit(run, ids) for ids in shares[1:]]   # ctypes releases the GIL
+        run(shares[0])                                                               # this thread takes one share
+        for other in others:
+            other.result()
 
     def _encode(self, x01: torch.Tensor, with_jacobian: bool):
         if x01.requires_grad:
