@@ -13,8 +13,11 @@
    per ray, 8 views at 64 px and 4 at 256 px, 16-mixed) at 64 and 256 px, albedo and shaded phases, with the
    fused (Warp) and the torch hash grid: steps/s, field samples per step, peak memory and the bytes per
    field sample that peak implies, and the projected hours of the whole 10,000-step schedule per hash
-   grid ("schedule"). An out-of-memory is a result, recorded. The field is the initial blob throughout
-   (learning rate 0, every step's work still done).
+   grid ("schedule"). An out-of-memory is a result, recorded. Each row is measured twice: on the initial
+   blob (`{size}px_{phase}/{impl}`) and on a converged object (`.../object`: the field's density first fitted
+   to the occupancy of a real mesh, tests/data/glb/Duck.glb placed as render/ places it), where the occupancy
+   grid and early termination skip what the blob does not let them ("schedule_object"). The learning
+   rate is 0 while timing (every step's work still done), so the field stays what it was.
 4. The render stage with Cycles on the GPU (OptiX, then CUDA) on the four shared GLBs (tests/data/glb) at the
    default settings (256 px, 32 views): seconds per view and the worst view's PSNR against a 1,024-sample
    undenoised reference on the same device (bench/render.py's curve), and objects per hour per GPU through
@@ -48,6 +51,9 @@ from optimize3d.optimize import build_field, resolve_device, sds_step  # noqa: E
 from render.cameras import DISTANCE, c2w_blender  # noqa: E402
 
 VIEWS = 4
+OBJECT = Path(__file__).resolve().parents[1] / "tests" / "data" / "glb" / "Duck.glb"
+GLTF_TO_BLENDER = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)  # y-up -> Blender's z-up
+FITTED_DENSITY = 50.0        # inside the object: opaque within a few marcher steps at either preset
 TIME_BUDGET_S = 420          # the whole script: leaves a 10-minute loan room for start and transfers
 SEARCH_BUDGET_S = 45         # per stage, the largest-batch search
 
@@ -208,10 +214,65 @@ def bench_sampling(model: MultiViewModel, device, steps: int) -> dict:
     return out
 
 
+def object_occupancy(path: Path, radius: float, res: int) -> torch.Tensor:
+    """[res, res, res] bool over the field's box [-radius, radius]^3 (x, y, z): the cells whose centre lies
+    inside the mesh, placed as render/ places it (Blender's z-up world, longest side scaled to 1, centred)."""
+    import trimesh
+    from scipy import ndimage
+    mesh = trimesh.load(path, force="mesh")
+    mesh.apply_transform(GLTF_TO_BLENDER)
+    lo, hi = mesh.bounds
+    mesh.apply_translation(-(lo + hi) / 2)
+    mesh.apply_scale(1 / (hi - lo).max())
+    shell = mesh.voxelized(pitch=1 / 96)
+    # The duck's surface has gaps (not watertight): a closing (dilate, fill, erode by one voxel) seals them
+    # before the inside is filled; filled as it is, only the shell would count (4% of its box, not 14%).
+    solid = ndimage.binary_erosion(ndimage.binary_fill_holes(ndimage.binary_dilation(shell.matrix)))
+    voxels = trimesh.voxel.VoxelGrid(solid, transform=shell.transform)
+    c = (np.arange(res) + 0.5) / res * 2 * radius - radius
+    centres = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)
+    return torch.from_numpy(voxels.is_filled(centres).reshape(res, res, res))
+
+
+def fit_to_occupancy(nerf, occupancy: torch.Tensor, steps: int, points: int, device, seed: int = 0) -> float:
+    """The field's density fitted to an occupancy grid (inside FITTED_DENSITY, outside 0; log1p of both) at
+    uniform random points of the box -> the last loss. A converged surface in seconds, without renders."""
+    g = torch.Generator().manual_seed(seed)
+    occ, res, r = occupancy.to(device), occupancy.shape[0], nerf.cfg.radius
+    opt = torch.optim.Adam(nerf.parameters(), lr=1e-2)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        x = ((torch.rand(points, 3, generator=g) * 2 - 1) * r).to(device)
+        cell = ((x / r + 1) / 2 * res).long().clamp(0, res - 1)
+        target = occ[cell[:, 0], cell[:, 1], cell[:, 2]].float() * FITTED_DENSITY
+        loss = torch.nn.functional.mse_loss(torch.log1p(nerf.density(x)), torch.log1p(target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss)
+
+
+def fitted_object(cfg: GenerateConfig, device, reduced: bool) -> tuple[dict, dict]:
+    """The state of a field (cfg.nerf) fitted to OBJECT's occupancy, and what the fit reached. Both hash grids
+    load it (same parameter names and layout)."""
+    from optimize3d.field import Field
+    occupancy = object_occupancy(OBJECT, cfg.nerf.radius, 64 if reduced else 128)
+    torch.manual_seed(0)
+    nerf = Field(cfg.nerf).to(device)
+    t = time.perf_counter()
+    loss = fit_to_occupancy(nerf, occupancy, 150 if reduced else 400, 4096 if reduced else 1 << 17, device)
+    info = {"mesh": OBJECT.name, "occupied_fraction": round(float(occupancy.float().mean()), 4),
+            "fit_loss": round(loss, 4), "fit_seconds": round(time.perf_counter() - t, 1)}
+    return {k: v.detach().clone() for k, v in nerf.state_dict().items()}, info
+
+
 def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduced: bool, marcher: str) -> dict:
     mem = Memory(device)
-    out = {}
-    for size, phase, impl in [(s, p, i) for s in sizes for p in ("albedo", "shaded") for i in ("fused", "torch")]:
+    preset = GenerateConfig.tiny() if reduced else GenerateConfig.sd21()
+    fitted, fit_info = fitted_object(preset, device, reduced)
+    out = {"object": fit_info}
+    for size, phase, impl, start in [(s, p, i, f) for s in sizes for p in ("albedo", "shaded") for i in ("fused", "torch")
+                                     for f in ("blob", "object")]:
         cfg = GenerateConfig.tiny() if reduced else GenerateConfig.sd21()
         groups = dict(zip(cfg.resolutions, cfg.view_groups)).get(size, 1)    # sd21: 8 views at 64 px, 4 at 256
         cfg.resolutions, cfg.resolution_milestones, cfg.view_groups = [size], [], [groups]
@@ -220,9 +281,11 @@ def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduce
         precision = Precision.of(cfg.mixed_precision, device)          # sd21: the released 16-mixed
         guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance,
                                   autocast=precision.guidance)
-        key = f"{size}px_{phase}/{impl}"
+        key = f"{size}px_{phase}/{impl}" + ("/object" if start == "object" else "")
         try:
             nerf, grid, opt = build_field(cfg, device)
+            if start == "object":
+                nerf.load_state_dict(fitted)
             for group in opt.param_groups:   # the field stays the initial blob: random weights would move it
                 group["lr"] = 0.0            # anywhere (to nothing, at 0 samples), and sample counts would not compare
             sds_step(cfg, nerf, grid, opt, guide, 0, precision)   # warm-up; step 0 fills every cell of the grid
@@ -240,7 +303,9 @@ def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduce
             out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "samples_per_ray": cfg.march.samples_per_ray,
                         "marcher": marcher, "hash_grid": nerf.encoding.__class__.__name__,
                         "steps_per_s": round(1 / s, 3), "seconds_per_step": round(s, 4),
-                        "field_samples_per_step": samples // steps, "modes": modes,
+                        "field_samples_per_step": samples // steps,
+                        "field_samples_per_ray": round(samples / steps / (cfg.views_at(first) * size * size), 2),
+                        "modes": modes,
                         "peak_memory_mb": round(peak),
                         "bytes_per_sample": round((peak - base) * 2**20 / (samples // steps))
                         if mem.cuda and samples else None}
@@ -251,20 +316,22 @@ def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduce
         finally:
             nerf = grid = opt = None
             mem.reset()
-    out["schedule"] = projected_schedule(out, GenerateConfig.tiny() if reduced else GenerateConfig.sd21(), sizes)
+    out["schedule"] = projected_schedule(out, preset, sizes)
+    out["schedule_object"] = projected_schedule(out, preset, sizes, "/object")
     return out
 
 
-def projected_schedule(rows: dict, cfg: GenerateConfig, sizes: list[int]) -> dict:
+def projected_schedule(rows: dict, cfg: GenerateConfig, sizes: list[int], suffix: str = "") -> dict:
     """Hours of the preset's whole schedule (every step's resolution and phase, e.g. sd21: 5,000 steps of 8 views
-    at 64 px, albedo, then 5,000 of 4 views at 256 px, shaded) from the measured seconds per step, per hash grid."""
+    at 64 px, albedo, then 5,000 of 4 views at 256 px, shaded) from the measured seconds per step, per hash grid
+    (the rows `{size}px_{phase}/{impl}{suffix}`)."""
     counts: dict = {}
     for step in range(cfg.steps):
         key = (cfg.resolution_at(step), "albedo" if step < cfg.shading_start else "shaded")
         counts[key] = counts.get(key, 0) + 1
     out = {"steps": cfg.steps, "steps_per_phase": {f"{size}px_{phase}": n for (size, phase), n in counts.items()}}
     for impl in ("fused", "torch"):
-        rows_of = {key: rows.get(f"{key[0]}px_{key[1]}/{impl}", {}) for key in counts}
+        rows_of = {key: rows.get(f"{key[0]}px_{key[1]}/{impl}{suffix}", {}) for key in counts}
         if any(key[0] not in sizes or "seconds_per_step" not in row for key, row in rows_of.items()):
             out[impl] = None                           # a size not measured, or out of memory
             continue

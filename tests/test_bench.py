@@ -21,14 +21,22 @@ def test_gpu_bench_reduced_runs_every_section(tmp_path):
         assert row["seconds_per_micro_batch"] > 0 and row["largest_objects_that_fit"] >= row["objects_per_micro_batch"]
     assert result["training"]["stage2"]["views_per_object"] == 5  # 4 targets + the reference view
     assert result["sampling"]["fp32"]["views"] == 4
-    rows = {k: v for k, v in result["generate_3d"].items() if k != "schedule"}
-    assert set(rows) == {f"{size}px_{phase}/{impl}" for size in (16, 32) for phase in ("albedo", "shaded")
-                         for impl in ("fused", "torch")}
+    rows = {k: v for k, v in result["generate_3d"].items() if "px_" in k}
+    assert set(rows) == {f"{size}px_{phase}/{impl}{field}" for size in (16, 32) for phase in ("albedo", "shaded")
+                         for impl in ("fused", "torch") for field in ("", "/object")}
     for key, row in rows.items():
-        assert row["field_samples_per_step"] > 0, key             # the field is the blob, in view
+        assert row["field_samples_per_step"] > 0, key             # the blob or the object, in view
         assert row["steps_per_s"] > 0
-        assert row["hash_grid"] == ("FusedHashGrid" if key.endswith("/fused") else "TorchHashGrid")
+        assert row["hash_grid"] == ("FusedHashGrid" if "/fused" in key else "TorchHashGrid")
     assert set(rows["32px_shaded/fused"]["modes"]) <= {"albedo", "lambertian", "textureless"}
+    # The duck's occupancy, fitted: a surface that early termination stops at, so fewer samples per ray than
+    # the blob's (measured 32 px, tiny: blob 11.7, object 1.2 per ray; the bound is 0.8x), the same with either grid.
+    fitted = result["generate_3d"]["object"]
+    assert fitted["mesh"] == "Duck.glb" and 0.005 < fitted["occupied_fraction"] < 0.1 and fitted["fit_loss"] < 0.2   # 0.0137, 0.026
+    for phase in ("albedo", "shaded"):
+        blob, duck = rows[f"32px_{phase}/fused"], rows[f"32px_{phase}/fused/object"]
+        assert 0 < duck["field_samples_per_ray"] < 0.8 * blob["field_samples_per_ray"], (phase, blob, duck)
+        assert duck["field_samples_per_step"] == rows[f"32px_{phase}/torch/object"]["field_samples_per_step"]
     schedule = result["generate_3d"]["schedule"]                  # the tiny preset: 150 albedo + 150 shaded steps at 32 px
     assert schedule["steps_per_phase"] == {"32px_albedo": 150, "32px_shaded": 150}
     for impl in ("fused", "torch"):
