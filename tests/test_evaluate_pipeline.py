@@ -30,25 +30,68 @@ def render_root_of(rendered_demo, tmp_path, count: int):
     return root, sorted(object_dirs(root))
 
 
+def processes_marked(marker: bytes) -> list[int]:
+    """PIDs of live processes whose environment holds `marker` (the driver's, inherited by its Ray workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker in (d / "environ").read_bytes() and (d / "stat").read_text().split(") ")[-1][0] != "Z":
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_during_the_3d_stage(args: list, uid: str, out: Path, marker_value: str) -> None:
+    """Start the evaluation and kill it once `uid`'s 3D stage wrote its step-4 checkpoint: the driver's process
+    group (Ray's head with it) and the Ray workers (in process groups of their own; one would otherwise finish
+    the object before it noticed), found by a marker in the environment they inherit."""
+    marker = f"ISO3D_TEST_KILLED_EVALUATION={marker_value}".encode() + b"\0"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "ISO3D_TEST_KILLED_EVALUATION": marker_value})
+    deadline = time.time() + 300               # a readiness wait, not a timing assertion
+    while not list((out / "runs" / uid).glob("*.partial/nerf/step-000004")) and time.time() < deadline:
+        assert proc.poll() is None, "the evaluation ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in processes_marked(marker):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    while processes_marked(marker) and time.time() < deadline:
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def evaluated(rendered_demo, tiny_checkpoint, tmp_path_factory):
+    """3 objects, as a user would meet the pipeline: a first run (no LPIPS backbone) killed during the first
+    object's 3D stage; the same command again, which resumes it and evaluates all three; then the command
+    with --lpips-backbone, which adds LPIPS to every object without generating anything again."""
     tmp = tmp_path_factory.mktemp("evaluate")
     root, uids = render_root_of(rendered_demo, tmp, 3)
     out = tmp / "out"
+    args = [sys.executable, SCRIPT, "--objects", str(root), "--checkpoint", str(tiny_checkpoint), "--output", str(out)]
+    kill_during_the_3d_stage(args + FAST, uids[0], out, str(tmp))
+    killed = {"partial": bool(list((out / "runs" / uids[0]).glob("*.partial"))),
+              "row": (out / "objects" / f"{uids[0]}.json").exists()}
+    resumed = subprocess.run(args + FAST, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_rows = {u: json.loads((out / "objects" / f"{u}.json").read_text()) for u in uids}
     backbone = alexnet_file(tmp / "alexnet.pth")
-    r = subprocess.run([sys.executable, SCRIPT, "--objects", str(root), "--checkpoint", str(tiny_checkpoint),
-                        "--output", str(out), "--lpips-backbone", str(backbone), *FAST],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "LPIPS left out" not in r.stderr
-    return root, uids, out, tiny_checkpoint
+    scored = subprocess.run(args + ["--lpips-backbone", str(backbone)] + FAST, capture_output=True, text=True, timeout=900)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "LPIPS left out" not in scored.stderr
+    return {"root": root, "uids": uids, "out": out, "checkpoint": tiny_checkpoint, "backbone": backbone,
+            "killed": killed, "resumed": resumed, "resumed_rows": resumed_rows}
 
 
 def test_every_object_gets_metrics_and_the_summary_adds_them_up(evaluated):
-    root, uids, out, _ = evaluated
+    uids, out = evaluated["uids"], evaluated["out"]
     rows = {u: json.loads((out / "objects" / f"{u}.json").read_text()) for u in uids}
     for uid, row in rows.items():
-        assert row["status"] == "evaluated" and row["generate"] == "ok", row
+        # LPIPS added to the resumed run's evaluation: its generate runs reused, not redone
+        assert row["status"] == "evaluated" and row["generate"] == "cached", row
+        assert row["run"] == evaluated["resumed_rows"][uid]["run"]
         m = row["metrics"]
         assert m["ground_truth"]["mesh"].endswith(f"{uid}.glb")           # the render root's own source mesh
         assert 5 < m["2d"]["psnr"] < 40 and 5 < m["3d"]["psnr"] < 40
@@ -69,7 +112,7 @@ def test_every_object_gets_metrics_and_the_summary_adds_them_up(evaluated):
 
 def test_the_page_opens_in_chromium_and_sorts_by_a_metric(evaluated):
     from playwright.sync_api import sync_playwright
-    _, uids, out, _ = evaluated
+    uids, out = evaluated["uids"], evaluated["out"]
     iou = {u: json.loads((out / "objects" / f"{u}.json").read_text())["metrics"]["3d"]["silhouette_iou"] for u in uids}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
@@ -88,11 +131,11 @@ def test_the_page_opens_in_chromium_and_sorts_by_a_metric(evaluated):
 
 
 def test_a_rerun_redoes_nothing(evaluated, capsys):
-    root, uids, out, checkpoint = evaluated
+    uids, out = evaluated["uids"], evaluated["out"]
     runs = {u: json.loads((out / "objects" / f"{u}.json").read_text())["run"] for u in uids}
     before = {u: os.stat(os.path.join(runs[u], "metrics.json")).st_mtime_ns for u in uids}
-    code, stdout, _ = run_main("evaluate", ["--objects", root, "--checkpoint", checkpoint, "--output", out,
-                                            "--lpips-backbone", out.parent / "alexnet.pth", *FAST], capsys)
+    code, stdout, _ = run_main("evaluate", ["--objects", evaluated["root"], "--checkpoint", evaluated["checkpoint"],
+                                            "--output", out, "--lpips-backbone", evaluated["backbone"], *FAST], capsys)
     assert code == 0, stdout
     for u in uids:
         row = json.loads((out / "objects" / f"{u}.json").read_text())
@@ -113,44 +156,15 @@ def test_bad_render_roots_and_backbones_are_one_line_errors(rendered_demo, tmp_p
     assert not (tmp_path / "out").exists()                     # refused before anything was written
 
 
-def processes_marked(marker: bytes) -> list[int]:
-    """PIDs of live processes whose environment holds `marker` (the driver's, inherited by its Ray workers)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and marker in (d / "environ").read_bytes() and (d / "stat").read_text().split(") ")[-1][0] != "Z":
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
-def test_a_killed_evaluation_resumes(rendered_demo, tiny_checkpoint, tmp_path):
-    """Killed once the object's 3D stage wrote its step-4 checkpoint: the driver's process group (Ray's head
-    with it) and the Ray worker running the object (in its own process group; it would otherwise finish the
-    object before it noticed). The next run resumes that run folder and finishes the evaluation."""
-    root, (uid,) = render_root_of(rendered_demo, tmp_path, 1)
-    out = tmp_path / "out"
-    args = [sys.executable, SCRIPT, "--objects", str(root), "--checkpoint", str(tiny_checkpoint), "--output", str(out), *FAST]
-    marker = f"ISO3D_TEST_KILLED_EVALUATION={tmp_path}"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "ISO3D_TEST_KILLED_EVALUATION": str(tmp_path)})
-    deadline = time.time() + 300               # a readiness wait, not a timing assertion
-    while not list((out / "runs" / uid).glob("*.partial/nerf/step-000004")) and time.time() < deadline:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in processes_marked(marker.encode() + b"\0"):
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 60
-    while processes_marked(marker.encode() + b"\0") and time.time() < deadline:
-        time.sleep(0.1)
-    assert list((out / "runs" / uid).glob("*.partial")) and not (out / "objects" / f"{uid}.json").exists()
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "LPIPS left out" in r.stderr                       # no --lpips-backbone: said in one line
-    row = json.loads((out / "objects" / f"{uid}.json").read_text())
+def test_a_killed_evaluation_resumes(evaluated):
+    """The killed first run left the object's run folder as .partial and no row; the same command again resumed
+    that folder (its NeRF checkpoints) and finished every object, saying in one line that LPIPS was left out."""
+    uid, resumed = evaluated["uids"][0], evaluated["resumed"]
+    assert evaluated["killed"] == {"partial": True, "row": False}
+    assert "LPIPS left out" in resumed.stderr
+    row = evaluated["resumed_rows"][uid]
     assert "lpips" not in row["metrics"]["2d"]
-    assert row["status"] == "evaluated" and row["generate"] == "ok" and not list((out / "runs" / uid).glob("*.partial"))
+    assert row["status"] == "evaluated" and row["generate"] == "ok"
+    assert not list((evaluated["out"] / "runs" / uid).glob("*.partial"))
     with open(os.path.join(row["run"], "generate.log")) as log:
         assert "resumed from" in log.read()
