@@ -5,7 +5,7 @@ stage 1 and stage 2 -> two objects' images -> meshes, evaluated against their re
     python pipelines/demo.py --force stage2           # redo stage 2 and what depends on it
     python pipelines/demo.py render.resolution=48 generate.steps=200
 
-Each stage runs the real pipeline script (render_objaverse.py, finetune.py, generate.py) as its own
+Each stage runs the real pipeline script (render_objaverse.py, finetune.py, evaluate.py) as its own
 process; its progress bars go to the console, its log (plain lines) to OUTPUT/logs/<stage>.log. Its
 output is OUTPUT/<stage>-<key>/, where the key hashes the stage's settings and the keys of the stages
 it reads: a second run finds every directory and redoes nothing (the report keeps the times of the run
@@ -166,9 +166,10 @@ def stage(out: Path, name: str, key: str, build: Callable[[Path], None]) -> tupl
     work.mkdir(parents=True, exist_ok=True)
     t = time.time()
     build(work)
-    # The scripts recorded their command lines with the .partial path, which stops existing at the rename.
-    for cmd in work.rglob("cmd.txt"):
-        cmd.write_text(cmd.read_text().replace(str(work), str(final)))
+    # The scripts recorded their command lines (and the evaluation its rows) with the .partial path, which stops
+    # existing at the rename.
+    for record in [*work.rglob("cmd.txt"), *work.glob("objects/*.json")]:
+        record.write_text(record.read_text().replace(str(work), str(final)))
     seconds = round(time.time() - t, 1)
     atomic_write_json(work / "stage.json", {"seconds": seconds, "key": key})
     replace_dir(work, final)
@@ -270,45 +271,23 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
     stage2 = timed("stage2", train(2, cfg.stage2, latest_checkpoint(stage1)))
 
     def generate(w: Path):
-        from dataset.views import RenderedObject
-        from optimize3d.evaluate import evaluate_run, sample_metrics, sampled_view_pairs
-        for role, uid in chosen.items():
-            obj_dir = object_dir(render_dir, uid)
-            (w / role).mkdir(exist_ok=True)
-            image = w / role / f"{uid}.png"
-            shutil.copyfile(obj_dir / "fixed" / "000.png", image)   # azimuth 0: the run's frame is the object's
-            try:
-                # preprocess.frame=false: the evaluation compares with the renders at their cameras, so the input keeps
-                # their scale (a photo would be framed like them).
-                run_script("generate.py", ["--image", image, "--checkpoint", latest_checkpoint(stage2), "--output",
-                                           w / role, "--steps", cfg.generate.steps, "preprocess.frame=false",
-                                           *cfg.generate.overrides],
-                           log_dir / "generate.log", console)
-            except RuntimeError as e:
-                # A 3D stage that ends without a surface (an empty field) is a result to report beside the other
-                # object's, not a reason to lose it; a failure before the sampled views were written is not.
-                run = next((p for p in (w / role).iterdir() if p.is_dir() and (p / "multiview.png").is_file()), None)
-                if run is None:
-                    raise
-                reason = next((line.split("error:", 1)[1].strip() for line in reversed(str(e).splitlines())
-                               if "error:" in line), str(e).splitlines()[0])
-                log.warning("%s (%s): generate.py failed: %s", uid, role, reason)
-                metrics = {"2d": sample_metrics(sampled_view_pairs(run, RenderedObject.open(obj_dir))), "3d": {},
-                           "error": reason}
-                atomic_write_json(run / "metrics.json", metrics)
-                continue
-            run = next(p for p in (w / role).iterdir() if p.is_dir() and (p / "mesh.glb").is_file())
-            evaluate_run(run, obj_dir, render_dir / "sources" / "demo" / f"{uid}.glb")
+        # pipelines/evaluate.py on the two chosen objects: the same generate runs and metrics as any evaluation
+        # (fixed view 0 in, preprocess.frame=false, the source mesh from the render's sources/demo/).
+        run_script("evaluate.py", ["--objects", render_dir, "--uids", *chosen.values(), "--checkpoint",
+                                   latest_checkpoint(stage2), "--output", w, "--steps", cfg.generate.steps,
+                                   *cfg.generate.overrides], log_dir / "generate.log", console)
 
     gen_dir = timed("generate", generate)
     objects = {}
     for role, uid in chosen.items():
-        run = next(p for p in (gen_dir / role).iterdir() if p.is_dir() and (p / "metrics.json").is_file())
-        metrics = json.loads((run / "metrics.json").read_text())
-        objects[role] = {"object": uid, "run": str(run), "ground_truth": str(object_dir(render_dir, uid)),
+        row = json.loads((gen_dir / "objects" / f"{uid}.json").read_text())
+        if row["status"] == "failed":
+            raise RuntimeError(f"{uid} ({role}): {row['error']}")
+        metrics = row["metrics"]
+        objects[role] = {"object": uid, "run": row["run"], "ground_truth": str(object_dir(render_dir, uid)),
                          "2d": metrics["2d"], "3d": metrics["3d"], "targets": targets_met(metrics)}
-        if "error" in metrics:
-            objects[role]["error"] = metrics["error"]
+        if row["status"] == "no_surface":
+            objects[role]["error"] = row["error"]
     from pipelines.report import tensorboard_scalars, write_demo_report
     losses = {name: tensorboard_scalars(d / "tensorboard", "loss") for name, d in (("stage1", stage1), ("stage2", stage2))}
     summary = {"objects": objects, "conditioning": conditioning_check(objects), "stages": stages, "keys": keys,

@@ -16,7 +16,8 @@ redo nothing and a killed run resume (each 3D stage from its last field checkpoi
 
 Output:
   OUT/runs/<uid>/<uid>-<key>/   each object's generate run, with metrics.json and comparison.png
-  OUT/objects/<uid>.json        its metrics and run folder
+  OUT/objects/<uid>.json        its metrics and run folder (status evaluated | cached | no_surface: the 3D stage
+                                ended without a surface, 2D metrics only | failed)
   OUT/summary.json              per metric over the objects: mean, median, worst, count; the failures
   OUT/index.html                a row per object (input, ground truth / sampled views / NeRF), sortable by any metric
 """
@@ -53,6 +54,7 @@ def parse_args(argv):
     p.add_argument("--objects", type=Path, required=True, help="a render root (render_objaverse.py --output)")
     p.add_argument("--checkpoint", type=Path, required=True, help="as generate.py's --checkpoint")
     p.add_argument("--output", type=Path, default=Path("outputs/evaluate"), help="default: %(default)s")
+    p.add_argument("--uids", nargs="+", metavar="UID", help="only these objects of the render root (default: all)")
     p.add_argument("--meshes", type=Path, help="a folder of source meshes named <uid>.glb (default: the render "
                    "root's sources/*/<uid>.glb; without one an object's mesh metrics are left out)")
     p.add_argument("--lpips-backbone", type=Path, help="torchvision's AlexNet weights (alexnet-owt-7be5be79.pth or "
@@ -80,9 +82,14 @@ def source_mesh(render_root: Path, meshes: Path | None, uid: str) -> Path | None
 
 def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: Path, out: Path, cfg, cmd: str,
                     device: str | None, overrides: list[str], lpips_backbone: Path | None = None) -> dict:
-    """One object: its fixed view 0 -> generate (cached by its key) -> metrics (kept in the run once made)."""
-    from optimize3d.evaluate import LPIPS, evaluate_run
+    """One object: its fixed view 0 -> generate (cached by its key) -> metrics (kept in the run once made).
+    A 3D stage that ends without a surface (an empty field) is a row of its own, "no_surface", with the
+    reason and the 2D metrics of its sampled views (its run folder stays .partial, as generate leaves it)."""
+    from dataset.views import RenderedObject
+    from optimize3d.evaluate import LPIPS, evaluate_run, sample_metrics, sampled_view_pairs
+    from optimize3d.export import EmptyMeshError
     from optimize3d.image_to_3d import generate
+    from optimize3d.rundir import PARTIAL_SUFFIX
     image = out / "inputs" / f"{uid}.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     source = object_dir(render_root, uid) / "fixed" / "000.png"
@@ -98,6 +105,17 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
         else:
             scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
             metrics, evaluated = evaluate_run(run, object_dir(render_root, uid), mesh, lpips=scorer), True
+    except EmptyMeshError as e:
+        runs = sorted((out / "runs" / uid).glob(f"*{PARTIAL_SUFFIX}/multiview.png"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            return {"uid": uid, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        run, reason = runs[-1].parent, str(e).splitlines()[0]
+        scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
+        metrics = {"2d": sample_metrics(sampled_view_pairs(run, RenderedObject.open(object_dir(render_root, uid))), scorer),
+                   "3d": {}, "error": reason}
+        atomic_write_json(run / "metrics.json", metrics)
+        return {"uid": uid, "status": "no_surface", "error": reason, "generate": "no_surface", "run": str(run),
+                "input": str(image), "metrics": metrics}
     except Exception as e:  # noqa: BLE001  (one object's failure is a row of the report, not the end of the others)
         return {"uid": uid, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
     return {"uid": uid, "status": "evaluated" if evaluated else "cached", "generate": result["status"],
@@ -107,7 +125,8 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
 def summarise(rows: list[dict], lpips_backbone: Path | None = None) -> dict:
     note = LPIPS_NOTE if lpips_backbone is None else f"LPIPS: AlexNet backbone {lpips_backbone}, lpips 0.1.4 linear layers v0.1"
     out = {"objects": len(rows), "failed": {r["uid"]: r["error"] for r in rows if r["status"] == "failed"},
-           "notes": [note], "metrics": {}}
+           "no_surface": {r["uid"]: r["error"] for r in rows if r["status"] == "no_surface"}, "notes": [note],
+           "metrics": {}}
     for section, name, higher in METRICS:
         values = [(r["metrics"][section][name], r["uid"]) for r in rows
                   if r["status"] != "failed" and r["metrics"].get(section, {}).get(name) is not None]
@@ -146,7 +165,8 @@ def write_page(rows: list[dict], summary: dict, out: Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>iso3d evaluation</title>
 {STYLE}<style>#objects th{{cursor:pointer;background:#eee}}</style></head><body>
 <h1>Evaluation: {len(rows)} objects</h1>
-<p>{html.escape(' '.join(summary['notes']))}. Failed: {len(summary['failed'])}.</p>
+<p>{html.escape(' '.join(summary['notes']))}. Failed: {len(summary['failed'])}. No surface (2D metrics only):
+{len(summary['no_surface'])}.</p>
 <table id="summary"><tr><th>metric</th><th>mean</th><th>median</th><th>worst</th><th>objects</th></tr>{summary_rows}</table>
 <p>Each row: the input (fixed view 0), then ground truth / the model's sampled views / the NeRF's renders at
 azimuths 0, 90, 180, 270. Click a heading to sort.</p>
@@ -198,6 +218,11 @@ def main(argv=None) -> int:
         uids = sorted(object_dirs(args.objects)) if (args.objects / "objects").is_dir() else []
         if not uids:
             raise ValueError(f"--objects {args.objects}: no rendered objects (expected render_objaverse.py's layout, objects/<bb>/<uid>/)")
+        if args.uids:
+            unknown = sorted(set(args.uids) - set(uids))
+            if unknown:
+                raise ValueError(f"--uids: {', '.join(unknown)} not in --objects {args.objects}")
+            uids = sorted(set(args.uids))
         missing = [u for u in uids if not (object_dir(args.objects, u) / "fixed" / "000.png").is_file()]
         if missing:
             raise ValueError(f"--objects {args.objects}: {len(missing)} objects have no fixed/000.png, e.g. {missing[0]}")

@@ -149,6 +149,9 @@ def test_bad_render_roots_and_backbones_are_one_line_errors(rendered_demo, tmp_p
     (tmp_path / "empty").mkdir()
     code, _, err = run_main("evaluate", ["--objects", tmp_path / "empty", "--checkpoint", tiny_checkpoint], capsys)
     assert code == 2 and "no rendered objects" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_main("evaluate", ["--objects", rendered_demo, "--uids", "demo2-0-000-box", "no-such-object",
+                                         "--checkpoint", tiny_checkpoint, "--output", tmp_path / "out"], capsys)
+    assert code == 2 and err.strip() == f"evaluate.py: error: --uids: no-such-object not in --objects {rendered_demo}"
     (tmp_path / "junk.pth").write_bytes(b"junk")
     code, _, err = run_main("evaluate", ["--objects", rendered_demo, "--checkpoint", tiny_checkpoint,
                                          "--lpips-backbone", tmp_path / "junk.pth", "--output", tmp_path / "out"], capsys)
