@@ -105,19 +105,20 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
         else:
             scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
             metrics, evaluated = evaluate_run(run, object_dir(render_root, uid), mesh, lpips=scorer), True
-    except EmptyMeshError as e:
+    except Exception as e:  # noqa: BLE001  (one object's failure is a row of the report, not the end of the others)
         runs = sorted((out / "runs" / uid).glob(f"*{PARTIAL_SUFFIX}/multiview.png"), key=lambda p: p.stat().st_mtime)
-        if not runs:
+        if not isinstance(e, EmptyMeshError) or not runs:
             return {"uid": uid, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
         run, reason = runs[-1].parent, str(e).splitlines()[0]
-        scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
-        metrics = {"2d": sample_metrics(sampled_view_pairs(run, RenderedObject.open(object_dir(render_root, uid))), scorer),
-                   "3d": {}, "error": reason}
-        atomic_write_json(run / "metrics.json", metrics)
+        try:
+            scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
+            pairs = sampled_view_pairs(run, RenderedObject.open(object_dir(render_root, uid)))
+            metrics = {"2d": sample_metrics(pairs, scorer), "3d": {}, "error": reason}
+            atomic_write_json(run / "metrics.json", metrics)
+        except Exception as e2:  # noqa: BLE001
+            return {"uid": uid, "status": "failed", "error": f"{reason}; then {type(e2).__name__}: {e2}".splitlines()[0]}
         return {"uid": uid, "status": "no_surface", "error": reason, "generate": "no_surface", "run": str(run),
                 "input": str(image), "metrics": metrics}
-    except Exception as e:  # noqa: BLE001  (one object's failure is a row of the report, not the end of the others)
-        return {"uid": uid, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
     return {"uid": uid, "status": "evaluated" if evaluated else "cached", "generate": result["status"],
             "run": str(run), "input": str(image), "metrics": metrics}
 
