@@ -52,7 +52,6 @@ from render.cameras import DISTANCE, c2w_blender  # noqa: E402
 
 VIEWS = 4
 OBJECT = Path(__file__).resolve().parents[1] / "tests" / "data" / "glb" / "Duck.glb"
-GLTF_TO_BLENDER = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)  # y-up -> Blender's z-up
 FITTED_DENSITY = 50.0        # inside the object: opaque within a few marcher steps at either preset
 TIME_BUDGET_S = 420          # the whole script: leaves a 10-minute loan room for start and transfers
 SEARCH_BUDGET_S = 45         # per stage, the largest-batch search
@@ -219,12 +218,11 @@ def object_occupancy(path: Path, radius: float, res: int) -> torch.Tensor:
     inside the mesh, placed as render/ places it (Blender's z-up world, longest side scaled to 1, centred)."""
     import trimesh
     from scipy import ndimage
+    from optimize3d.evaluate import unit_box
+    from optimize3d.export import Z_UP_TO_Y_UP
     mesh = trimesh.load(path, force="mesh")
-    mesh.apply_transform(GLTF_TO_BLENDER)
-    lo, hi = mesh.bounds
-    mesh.apply_translation(-(lo + hi) / 2)
-    mesh.apply_scale(1 / (hi - lo).max())
-    shell = mesh.voxelized(pitch=1 / 96)
+    mesh.apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))         # glTF's y-up into Blender's z-up, as its importer does
+    shell = unit_box(mesh).voxelized(pitch=1 / 96)
     # The duck's surface has gaps (not watertight): a closing (dilate, fill, erode by one voxel) seals them
     # before the inside is filled; filled as it is, only the shell would count (4% of its box, not 14%).
     solid = ndimage.binary_erosion(ndimage.binary_fill_holes(ndimage.binary_dilation(shell.matrix)))

@@ -44,7 +44,8 @@ class ExportConfig:
 
 
 class EmptyMeshError(ValueError):
-    pass
+    run_dir: Path | None = None
+    """Set by image_to_3d.generate: the run folder the field stays in (its sampled views, its checkpoints)."""
 
 
 @torch.no_grad()

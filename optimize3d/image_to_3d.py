@@ -27,7 +27,7 @@ from common.config import config_hash, file_digest, save_config
 from optimize3d.cameras import preview_cameras
 from optimize3d.config import GenerateConfig
 from optimize3d.embedding import clip_embedding
-from optimize3d.export import export_outputs
+from optimize3d.export import EmptyMeshError, export_outputs
 from optimize3d.fieldstate import latest_nerf, load_nerf
 from optimize3d.optimize import build_field, optimize, resolve_device, to_image
 from optimize3d.rundir import run_dir_name, run_directory
@@ -94,7 +94,11 @@ def generate(image: Path, checkpoint_dir: Path, out_root: Path, cfg: GenerateCon
             load_nerf(latest_nerf(work / "nerf"), nerf, grid)
         else:
             nerf, grid = optimize(cfg, model, embedding, work, progress=progress)
-        info = export_outputs(nerf, grid, cfg.march, cfg.export, work)
+        try:
+            info = export_outputs(nerf, grid, cfg.march, cfg.export, work)
+        except EmptyMeshError as e:
+            e.run_dir = work          # what an evaluation still scores: the sampled views beside the field
+            raise
         log.info("exported %s", json.dumps(info))
     return {"image": str(image), "output": str(final), "status": "ok", "seconds": time.time() - t0,
             "warnings": warnings, **info}

@@ -89,7 +89,6 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
     from optimize3d.evaluate import LPIPS, evaluate_run, sample_metrics, sampled_view_pairs
     from optimize3d.export import EmptyMeshError
     from optimize3d.image_to_3d import generate
-    from optimize3d.rundir import PARTIAL_SUFFIX
     image = out / "inputs" / f"{uid}.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     source = object_dir(render_root, uid) / "fixed" / "000.png"
@@ -106,10 +105,9 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
             scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
             metrics, evaluated = evaluate_run(run, object_dir(render_root, uid), mesh, lpips=scorer), True
     except Exception as e:  # noqa: BLE001  (one object's failure is a row of the report, not the end of the others)
-        runs = sorted((out / "runs" / uid).glob(f"*{PARTIAL_SUFFIX}/multiview.png"), key=lambda p: p.stat().st_mtime)
-        if not isinstance(e, EmptyMeshError) or not runs:
+        if not isinstance(e, EmptyMeshError) or e.run_dir is None:
             return {"uid": uid, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        run, reason = runs[-1].parent, str(e).splitlines()[0]
+        run, reason = e.run_dir, str(e).splitlines()[0]
         try:
             scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None
             pairs = sampled_view_pairs(run, RenderedObject.open(object_dir(render_root, uid)))
