@@ -6,9 +6,10 @@
 0. The hash encoding alone (50,000 points; tiny and sd21 grids; torch and fused): forward, + Jacobian,
    + backward, in ms.
 1. Score-distillation steps/s at the tiny settings (4 views at 32 px, 64 samples per ray), per phase
-   (albedo, shaded), normal type (finite differences; analytic, the released) and hash grid (torch; fused,
-   the Warp kernels), all in one run, with the time split into field, guidance and backward; the tiny
-   preset's step before (torch, finite differences) and now (fused, analytic).
+   (albedo, shaded), normal type (finite differences; analytic, the released) and implementation (torch:
+   the pure-torch hash grid and marcher; fused: the Warp hash grid and marcher), all in one run, with the time split into field, guidance and backward; the tiny
+   preset's step before (torch, finite differences) and now (fused, analytic). Each row runs twice (all rows,
+   then all rows in reverse order) and reports the mean.
 2. Marching: dense sampling against occupancy-grid skipping, with and without early ray termination, at
    several samples per ray, each image compared with a dense reference at 1024 samples per ray (PSNR):
    speed at equal image error.
@@ -19,7 +20,9 @@
    part, one chunk's activations when recomputing, cancels) extrapolate it to the paper's 4 x 256 x 256
    rays by the sample count of that render (marched without gradients).
 4. Reconstruction (generate.py --views, tiny preset): steps/s fitting 16 views of 64 px with the torch
-   and the fused hash grid, and the fused one without early ray termination (march.early_stop_eps), in one run.
+   and the fused hash grid and marcher, and the fused grid with the torch marcher, in one run (each row twice
+   and the mean, as in section 1).
+Each section runs in a process of its own (see main).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import json
 import platform
 import random
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,10 +52,10 @@ from optimize3d.renderer import render_views  # noqa: E402
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender  # noqa: E402
 
 
-def sds_phase(device, steps: int, hash_implementation: str, mode: str, normal_type: str,
+def sds_phase(device, steps: int, implementation: str, mode: str, normal_type: str,
               model: MultiViewModel, guide: MultiViewGuidance) -> dict:
     cfg = GenerateConfig.tiny()
-    cfg.nerf.hash_implementation, cfg.nerf.normal_type = hash_implementation, normal_type
+    cfg.nerf.hash_implementation, cfg.march.marcher, cfg.nerf.normal_type = implementation, implementation, normal_type
     nerf, grid, opt = build_field(cfg, device)
     times = {"field": 0.0, "guidance": 0.0, "backward": 0.0}
     samples = 0
@@ -86,11 +90,18 @@ def sds_speed(device, steps: int) -> dict:
     of its two phases (albedo for the first half of the steps, shaded after)."""
     model = MultiViewModel(ModelConfig.tiny()).to(device).eval().requires_grad_(False)
     guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), GenerateConfig.tiny().guidance)
-    out = {}
-    for impl in ("torch", "fused"):
-        for normals in ("finite_difference", "analytic"):
-            for phase, mode in (("albedo", "albedo"), ("shaded", "lambertian")):
-                out[f"{impl}/{normals}/{phase}"] = sds_phase(device, steps, impl, mode, normals, model, guide)
+    rows = [(impl, normals, phase, mode) for impl in ("torch", "fused") for normals in ("finite_difference", "analytic")
+            for phase, mode in (("albedo", "albedo"), ("shaded", "lambertian"))]
+    runs = {}
+    # every row twice, in one order and then the reverse, each with half the steps: a machine that drifts
+    # (the shared guidance took 0.07 s a step in one row and 0.10 s in a later one of the same run) weighs on all
+    for impl, normals, phase, mode in rows + rows[::-1]:
+        runs.setdefault(f"{impl}/{normals}/{phase}", []).append(
+            sds_phase(device, max(1, steps // 2), impl, mode, normals, model, guide))
+    out = {key: {k: (round(sum(r[k] for r in pair) / 2, 3) if k != "field_samples_per_step"
+                     else sum(r[k] for r in pair) // 2) for k in pair[0]} for key, pair in runs.items()}
+    for row in out.values():
+        row["steps_per_s"] = round(1 / row["s_per_step"], 2)
     preset = lambda impl, normals: (out[f"{impl}/{normals}/albedo"]["s_per_step"]  # noqa: E731
                                     + out[f"{impl}/{normals}/shaded"]["s_per_step"]) / 2
     before, now = preset("torch", "finite_difference"), preset("fused", "analytic")
@@ -215,7 +226,6 @@ def paper_size_samples() -> int:
 
 
 def field_memory(sizes=(32, 64)) -> dict:
-    import subprocess
     rows = []
     for size in sizes:
         for recompute in (False, True):
@@ -262,22 +272,42 @@ def reconstruction_speed(steps: int) -> dict:
             "convention": "opencv", "K": intrinsics(64).tolist(), "width": 64, "height": 64,
             "fixed": [{"azimuth_deg": az, "elevation_deg": el, "c2w": c2w_opencv(az, el, DISTANCE).tolist()} for az, el in angles]}))
         rays = training_rays(load_posed_views(folder, "fixed"), torch.device("cpu"))
-        out = {}
-        for name, impl, eps in (("torch", "torch", MarchConfig().early_stop_eps), ("fused", "fused", MarchConfig().early_stop_eps),
-                                ("fused_no_early_stop", "fused", 0.0)):   # the same run, all three
+        rows = (("torch", "torch", "torch"), ("fused", "fused", "fused"), ("fused_grid_torch_marcher", "fused", "torch"))
+        seconds, samples = {}, {}
+        for name, impl, marcher in rows + rows[::-1]:    # the same run; each row twice, as sds_speed's
             cfg = ReconstructConfig.tiny()
-            cfg.train_set, cfg.march.early_stop_eps, cfg.nerf.hash_implementation = "fixed", eps, impl
+            cfg.train_set, cfg.march.marcher, cfg.nerf.hash_implementation = "fixed", marcher, impl
             nerf, grid, opt = build_field(cfg, torch.device("cpu"))
             fit_step(cfg, nerf, grid, opt, rays, 0)
             t = time.perf_counter()
-            samples = sum(fit_step(cfg, nerf, grid, opt, rays, step)["samples"] for step in range(1, steps + 1))
-            s = (time.perf_counter() - t) / steps
+            samples[name] = sum(fit_step(cfg, nerf, grid, opt, rays, step)["samples"] for step in range(1, steps + 1))
+            seconds.setdefault(name, []).append((time.perf_counter() - t) / steps)
+        out = {}
+        for name, _, _ in rows:
+            s = sum(seconds[name]) / 2
             out[name] = {"preset": "tiny", "views": len(angles), "size": 64, "rays_per_step": cfg.rays_per_step,
-                         "steps_per_s": round(1 / s, 2), "field_samples_per_step": samples // steps,
+                         "steps_per_s": round(1 / s, 2), "field_samples_per_step": samples[name] // steps,
                          "seconds_for_the_preset": round(cfg.steps * s, 1)}
     out["speedup_of_fused"] = round(out["fused"]["steps_per_s"] / out["torch"]["steps_per_s"], 2)
-    out["speedup_of_early_stop"] = round(out["fused"]["steps_per_s"] / out["fused_no_early_stop"]["steps_per_s"], 2)
+    out["speedup_of_fused_marcher"] = round(out["fused"]["steps_per_s"] / out["fused_grid_torch_marcher"]["steps_per_s"], 2)
     return out
+
+
+def section(name: str, device, args) -> dict | list | None:
+    if name == "encoding_50k_points":
+        return encoding_speed() if device.type == "cpu" else None
+    if name == "sds_tiny":
+        return sds_speed(device, args.steps)
+    if name == "marching":
+        return marching(device, args.size)
+    if name == "field_memory_cpu":
+        return field_memory() if device.type == "cpu" else None
+    if name == "reconstruction":
+        return reconstruction_speed(args.steps * 3) if device.type == "cpu" else None
+    raise ValueError(f"section {name!r}")
+
+
+SECTIONS = ("encoding_50k_points", "sds_tiny", "marching", "field_memory_cpu", "reconstruction")
 
 
 def main():
@@ -287,20 +317,28 @@ def main():
     p.add_argument("--size", type=int, default=64, help="marching benchmark: pixels of each of the 4 views")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-probe", nargs=2, type=int, metavar=("SIZE", "RECOMPUTE"), help=argparse.SUPPRESS)
+    p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.memory_probe:                     # one measurement in a fresh process (field_memory)
-        torch.set_num_threads(args.threads)
         print(json.dumps(memory_probe(args.memory_probe[0], bool(args.memory_probe[1]))))
         return
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.section:
+        print(json.dumps({"result": section(args.section, device, args),
+                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+        return
+    # Each section in a fresh process: measured, the torch rows of a section ran 1.5x slower after the sd21
+    # encoding section had run in the same process (the fused rows did not), which would flatter the ratios.
     result = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-              "torch": torch.__version__, "encoding_50k_points": encoding_speed() if device.type == "cpu" else None,
-              "sds_tiny": sds_speed(device, args.steps),
-              "marching": marching(device, args.size),
-              "field_memory_cpu": field_memory() if device.type == "cpu" else None,
-              "reconstruction": reconstruction_speed(args.steps * 3) if device.type == "cpu" else None,
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+              "torch": torch.__version__}
+    peak = 0
+    for name in SECTIONS:
+        cmd = [sys.executable, __file__, "--section", name, "--device", args.device, "--steps", str(args.steps),
+               "--size", str(args.size), "--threads", str(args.threads)]
+        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        result[name], peak = out["result"], max(peak, out["peak_rss_mb"])
+    result["peak_rss_mb"] = peak
     print(json.dumps(result, indent=1))
 
 

@@ -396,9 +396,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reduced", action="store_true", help="toy sizes of the same code (any device; for tests)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--marcher", default="torch", choices=["torch", "nerfacc", "auto"],
-                   help="3D stage: torch (default: pure torch, nothing to compile) or nerfacc (CUDA; compiles its "
-                        "extension on first use unless a prebuilt nerfacc is installed)")
+    p.add_argument("--marcher", default="torch", choices=["torch", "fused", "nerfacc", "auto"],
+                   help="3D stage: torch (default: pure torch, nothing to compile), fused (Warp kernels, compiled "
+                        "on first use) or nerfacc (CUDA; compiles its extension on first use unless a prebuilt "
+                        "nerfacc is installed)")
     p.add_argument("--no-render", action="store_true", help="skip section 4 (Cycles on the GPU)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: bench/results/gpu-<gpu name>.json on a GPU, none on a CPU)")

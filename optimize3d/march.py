@@ -8,11 +8,13 @@ What nerfacc 0.5.3 runs where (measured; see README "nerfacc on CPU"):
     `pack_info`, and every packed (`ray_indices=`) rendering path.
   - pure torch, any device: the batched [n_rays, n_samples] forms of `render_weight_from_density` and
     `accumulate_along_rays`, and `OccGridEstimator` itself with `update_every_n_steps`.
-So there are two marchers. "nerfacc" (GPU): the occupancy grid's own sampler emits packed samples in
+So there are three marchers. "nerfacc" (GPU): the occupancy grid's own sampler emits packed samples in
 occupied cells only. "torch" (CPU, and anywhere): a fixed number of stratified samples per ray between
 the ray's box entry and exit; samples in cells the occupancy grid marks empty are not evaluated (their
-density is 0), and nerfacc's batched compositing turns densities into weights. "auto" picks "nerfacc" on
-a GPU and "torch" otherwise.
+density is 0), and nerfacc's batched compositing turns densities into weights. "fused" (any device, NVIDIA
+Warp): the torch marcher's samples, occupancy test and compositing rule, with the test and the compositing
+as kernels (march_warp.py): the same images and gradients with less work. "auto" picks "nerfacc" on a GPU,
+otherwise "fused" when warp-lang is installed, otherwise "torch".
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class MarchConfig:
     """A ray stops where its transmittance falls below this (nerfacc's early_stop_eps; the torch marcher too,
     given a density_fn): samples behind an opaque surface are not evaluated. 0: never."""
     marcher: str = "auto"
-    """auto | nerfacc (CUDA) | torch (any device)."""
+    """auto | nerfacc (CUDA) | fused (any device, Warp) | torch (any device): see the module docstring."""
     chunk: int = 1 << 18
     """Samples evaluated at once (bounds memory)."""
     recompute: bool = True
@@ -110,12 +112,15 @@ def occupied(grid: nerfacc.OccGridEstimator, x: torch.Tensor, radius: float) -> 
 
 
 def resolve_marcher(cfg: MarchConfig, device: torch.device) -> str:
+    from optimize3d.field import warp_available
     if cfg.marcher == "auto":
-        return "nerfacc" if device.type == "cuda" else "torch"
+        return "nerfacc" if device.type == "cuda" else "fused" if warp_available() else "torch"
     if cfg.marcher == "nerfacc" and device.type != "cuda":
-        raise ValueError("marcher=nerfacc needs a CUDA device (nerfacc's sampler is CUDA only); use marcher=torch")
-    if cfg.marcher not in ("nerfacc", "torch"):
-        raise ValueError(f"marcher {cfg.marcher!r}: expected auto, nerfacc or torch")
+        raise ValueError("marcher=nerfacc needs a CUDA device (nerfacc's sampler is CUDA only); use marcher=fused or torch")
+    if cfg.marcher == "fused" and not warp_available():
+        raise ImportError("marcher=fused needs NVIDIA Warp (pip install warp-lang); use marcher=torch")
+    if cfg.marcher not in ("nerfacc", "fused", "torch"):
+        raise ValueError(f"marcher {cfg.marcher!r}: expected auto, nerfacc, fused or torch")
     return cfg.marcher
 
 
@@ -164,7 +169,8 @@ def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radiu
     [S, C] per sample (for losses on samples)}. grid=None: dense sampling (no skipping).
     density_fn (positions [N, 3] -> density [N]): a first pass without gradients over the candidate samples
     drops those under cfg.alpha_threshold and those behind cfg.early_stop_eps of transmittance, as nerfacc's
-    sampler does with its sigma_fn; sample_fn then runs on the rest only."""
+    sampler does with its sigma_fn; sample_fn then runs on the rest only ("samples": the evaluations with
+    gradients). The fused marcher applies the same rule in its compositing, to samples all evaluated once."""
     marcher = resolve_marcher(cfg, rays_o.device)
     n_rays = rays_o.shape[0]
     dt = step_size(radius, cfg)
@@ -203,6 +209,20 @@ def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radiu
     x = rays_o[:, None] + rays_d[:, None] * t_mid[..., None]                              # [R, n, 3]
     flat = x.reshape(-1, 3)
     keep = hit[:, None].expand(n_rays, n).reshape(-1)
+    if marcher == "fused":
+        from optimize3d.march_warp import composite, occupied_mask
+        if grid is not None:
+            keep = keep & occupied_mask(grid.binaries, flat, radius)
+        idx = keep.nonzero()[:, 0]
+        ray_of = idx // n
+        sig, val = evaluate(sample_fn, flat[idx], rays_d[ray_of], ray_of, cfg.chunk)
+        count = keep.view(n_rays, n).sum(1)
+        rule = density_fn is not None         # the torch marcher's first pass applies the rule only then
+        values, opacity, depth, weights = composite(sig, val, t_mid.reshape(-1)[idx], (span / n).reshape(-1),
+                                                    count.cumsum(0) - count, count, cfg.alpha_threshold if rule else 0.0,
+                                                    cfg.early_stop_eps if rule else 0.0)
+        return {"values": values, "opacity": opacity[:, None], "depth": depth[:, None], "samples": int(idx.numel()),
+                "sample_weights": weights, "sample_values": val}
     if grid is not None:
         keep = keep & occupied(grid, flat, radius)
     if density_fn is not None and (cfg.alpha_threshold > 0 or cfg.early_stop_eps > 0):

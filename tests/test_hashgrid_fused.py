@@ -1,6 +1,8 @@
 """The fused (Warp) hash grid against the pure-torch reference, on Warp's CPU backend: values, Jacobians
 and the gradients of both, with points outside the box, hash collisions at the finest level and no points
 at all; and a field and a training step built on each."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,29 @@ def test_results_do_not_depend_on_the_number_of_threads():
         torch.set_num_threads(threads)
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
+
+
+def test_the_helper_threads_start_no_openmp_team_of_their_own():
+    """On the CPU the levels are shared with helper threads. A torch op run in one of them gives it an OpenMP
+    team of its own: then 2 x 2 threads contend for 2 cores and every later torch op of the process ran 40%
+    slower (measured on the tiny UNet's guidance step). Counted in a fresh process: a forward and backward
+    of 30,000 points with 2 torch threads adds the one helper thread and nothing else."""
+    import subprocess
+    import sys
+    code = """
+import os, torch
+torch.set_num_threads(2)
+from optimize3d.field import FieldConfig
+from optimize3d.hashgrid_warp import FusedHashGrid
+a = torch.randn(512, 512); a @ a; torch.zeros(1 << 20).add_(1)       # torch's own team is up
+grid = FusedHashGrid(FieldConfig.tiny())
+before = len(os.listdir("/proc/self/task"))
+h, j = grid.with_jacobian(torch.rand(30000, 3)); (h.sum() + j.sum()).backward()
+print(before, len(os.listdir("/proc/self/task")))
+"""
+    before, after = map(int, subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                            cwd=str(Path(__file__).resolve().parents[1])).stdout.split()[-2:])
+    assert after == before + 1
 
 
 def test_positions_that_need_a_gradient_are_refused():

@@ -145,6 +145,89 @@ def test_early_ray_termination_skips_what_lies_behind_the_surface():
     assert march(blob, o, d, 1.0, off, grid=grid, density_fn=blob.density)["samples"] == full["samples"]
 
 
+def test_fused_occupancy_test_equals_the_torch_one():
+    """march_warp.occupied_mask against march.occupied: random points, points outside the box on every side,
+    and points exactly on cell faces (where a different rounding would pick the neighbouring cell)."""
+    from optimize3d.march import occupied
+    from optimize3d.march_warp import occupied_mask
+    torch.manual_seed(0)
+    grid = new_occupancy_grid(1.0, MarchConfig(grid_resolution=8))
+    grid.binaries.copy_(torch.rand(grid.binaries.shape) < 0.5)
+    faces = torch.randint(-9, 10, (2000, 3)).float() / 8                 # multiples of half a cell, in and out
+    x = torch.cat([torch.rand(5000, 3) * 2.4 - 1.2, faces, torch.eye(3) * 1.0, -torch.eye(3) * 1.0])
+    expected = occupied(grid, x, 1.0)
+    assert 0.2 < expected.float().mean() < 0.5 and not expected[-6:-3].any()   # +1 is outside, -1 inside
+    assert torch.equal(occupied_mask(grid.binaries, x, 1.0), expected)
+
+
+@pytest.mark.parametrize("rule", ["released", "none", "early_stop_0.3"])
+def test_fused_marcher_equals_the_torch_marcher(rule):
+    """marcher=fused (one evaluation of every occupied candidate, the alpha / early-stop rule applied in a
+    Warp compositing kernel) against marcher=torch (a first pass without gradients, then nerfacc's dense
+    compositing): the same values, opacity and depth, the same per-sample weights, and the same gradient
+    of every field parameter, through the values, the opacity, the depth and the sample weights. Rays
+    that miss the box, rays through empty cells only and a grid with nothing occupied included."""
+    alpha_threshold, early_stop_eps = {"released": (0.01, 1e-4), "none": (0.0, 0.0), "early_stop_0.3": (0.01, 0.3)}[rule]
+    torch.manual_seed(0)
+    field = Field(FieldConfig.tiny())
+    with torch.no_grad():
+        field.encoding.embeddings.normal_(0, 1.0)                # a lumpy object: some rays stop early
+    o = torch.randn(400, 3) * 0.3 + torch.tensor([0.0, 0.0, 3.0])
+    d = torch.nn.functional.normalize(torch.tensor([0.0, 0.0, -1.0]) + 0.3 * torch.randn(400, 3), dim=-1)
+    d[:20] = -d[:20]                                              # these miss the box
+    base = MarchConfig(samples_per_ray=64, grid_update_every=1, alpha_threshold=alpha_threshold,
+                       early_stop_eps=early_stop_eps)
+    grid = new_occupancy_grid(field.cfg.radius, base)
+    update_grid(grid, field, 0, field.cfg.radius, base)
+    assert 0.05 < grid.binaries.float().mean() < 0.9
+    empty = new_occupancy_grid(field.cfg.radius, base)
+    empty.binaries.zero_()
+    for g in (grid, None, empty):
+        results = {}
+        for marcher in ("torch", "fused"):
+            field.zero_grad()
+            out = march(lambda x, dd, ri: field(x), o, d, field.cfg.radius, dataclasses.replace(base, marcher=marcher),
+                        grid=g, stratified=True, generator=torch.Generator().manual_seed(3), density_fn=field.density)
+            weighted = (out["sample_weights"].reshape(-1) * out["sample_values"][:, 0]).sum()
+            loss = (out["values"] * torch.tensor([0.2, 0.5, 1.0])).sum() + out["opacity"].square().sum() \
+                + 0.1 * out["depth"].sum() + weighted
+            if loss.requires_grad:
+                loss.backward()
+            results[marcher] = out, weighted.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                                        for p in field.parameters()]
+        (ref, ref_weighted, ref_grads), (fused, fused_weighted, fused_grads) = results["torch"], results["fused"]
+        for key in ("values", "opacity", "depth"):
+            torch.testing.assert_close(fused[key], ref[key], rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(fused_weighted, ref_weighted, rtol=1e-5, atol=1e-5)
+        # per-sample weights: the torch marcher's are dense (0 where nothing was evaluated), the fused one's packed
+        m = fused["sample_weights"].numel()
+        torch.testing.assert_close(fused["sample_weights"].detach().sort(descending=True).values,
+                                   ref["sample_weights"].detach().reshape(-1).sort(descending=True).values[:m],
+                                   rtol=1e-5, atol=1e-6)
+        kept = int((fused["sample_weights"] > 0).sum())
+        assert fused["samples"] >= ref["samples"] and (g is not empty) == (kept > 0)
+        for a, b in zip(fused_grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()))
+        if g is grid:
+            assert ref["opacity"].max() > (0.6 if early_stop_eps == 0.3 else 0.99) and ref["opacity"][:20].max() == 0
+            if rule != "none":
+                assert ref["samples"] < 0.95 * fused["samples"]   # the rule dropped samples the fused one evaluated
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_fused_marcher_compiles_for_cuda_without_a_gpu(arch, tmp_path):
+    """What CI can check of the fused marcher's CUDA build with no GPU: Warp's NVRTC compiles its three kernels
+    to PTX for A100 (sm_80) and H100 (sm_90). One thread per ray owns its samples: no atomics anywhere."""
+    import warp as wp
+    from optimize3d.hashgrid_warp import init_warp
+    from optimize3d.march_warp import composite_kernels, occupied_kernel
+    init_warp()
+    for kernel in (occupied_kernel, *composite_kernels(3)):
+        (path,) = wp.compile_aot_module(kernel.module, arch=arch, module_dir=tmp_path / kernel.key, use_ptx=True)
+        ptx = path.read_text()
+        assert f".target sm_{arch}" in ptx and ".entry" in ptx and "atom.global" not in ptx
+
+
 def test_recomputed_and_chunked_renders_equal_the_plain_one():
     """Activation checkpointing (march.recompute) and ray chunks change memory, not results: the same
     image, normals and gradient of every field parameter. With several views per chunk and one light per

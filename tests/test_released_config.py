@@ -192,7 +192,7 @@ def test_16_mixed_runs_the_whole_step_in_fp16_with_a_gradient_scaler_that_resume
     precision = Precision.of(cfg.mixed_precision, torch.device("cpu"))
     assert precision.step == torch.float16 and precision.scaler.is_enabled()
     dtypes = []
-    nerf.density_net.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    nerf.density_net[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))   # (closed-form normals call the layers)
     unet_dtypes = []
     model.unet.conv_in.register_forward_hook(lambda module, args, out: unet_dtypes.append(out.dtype))
     for step in range(3):
