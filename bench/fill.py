@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402,F401  (before torch: see common/__init__.py)
 from optimize3d.preprocess import alpha_fill  # noqa: E402
 from render.layout import object_dirs  # noqa: E402
 

@@ -20,7 +20,8 @@
    part, one chunk's activations when recomputing, cancels) extrapolate it to the paper's 4 x 256 x 256
    rays by the sample count of that render (marched without gradients).
 4. Reconstruction (generate.py --views, tiny preset): steps/s fitting 16 views of 64 px with the torch
-   and the fused hash grid and marcher, and the fused grid with the torch marcher, in one run (each row twice
+   and the fused hash grid and marcher, the fused marcher without its first pass (march.first_pass=false),
+   and the fused grid with the torch marcher, in one run (each row twice
    and the mean, as in section 1).
 Each section runs in a process of its own (see main).
 """
@@ -37,9 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402,F401  (before torch: see common/__init__.py)
+import torch  # noqa: E402
 
 from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
 from optimize3d.field import Field, FieldConfig  # noqa: E402
@@ -272,11 +274,13 @@ def reconstruction_speed(steps: int) -> dict:
             "convention": "opencv", "K": intrinsics(64).tolist(), "width": 64, "height": 64,
             "fixed": [{"azimuth_deg": az, "elevation_deg": el, "c2w": c2w_opencv(az, el, DISTANCE).tolist()} for az, el in angles]}))
         rays = training_rays(load_posed_views(folder, "fixed"), torch.device("cpu"))
-        rows = (("torch", "torch", "torch"), ("fused", "fused", "fused"), ("fused_grid_torch_marcher", "fused", "torch"))
+        rows = (("torch", "torch", "torch"), ("fused", "fused", "fused"), ("fused_one_pass", "fused", "fused"),
+                ("fused_grid_torch_marcher", "fused", "torch"))
         seconds, samples = {}, {}
         for name, impl, marcher in rows + rows[::-1]:    # the same run; each row twice, as sds_speed's
             cfg = ReconstructConfig.tiny()
             cfg.train_set, cfg.march.marcher, cfg.nerf.hash_implementation = "fixed", marcher, impl
+            cfg.march.first_pass = name != "fused_one_pass"
             nerf, grid, opt = build_field(cfg, torch.device("cpu"))
             fit_step(cfg, nerf, grid, opt, rays, 0)
             t = time.perf_counter()

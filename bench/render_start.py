@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402,F401  (before torch: see common/__init__.py)
 from render.layout import object_dir  # noqa: E402
 from render.settings import RenderSettings  # noqa: E402
 from render.output import RenderRoot  # noqa: E402

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402,F401  (before torch: see common/__init__.py)
+import torch  # noqa: E402
 
 from dataset.prepared import PreparedIndex, write_shard  # noqa: E402
 from model.prepare import prepare  # noqa: E402

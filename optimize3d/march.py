@@ -42,6 +42,11 @@ class MarchConfig:
     early_stop_eps: float = 1e-4
     """A ray stops where its transmittance falls below this (nerfacc's early_stop_eps; the torch marcher too,
     given a density_fn): samples behind an opaque surface are not evaluated. 0: never."""
+    first_pass: bool = True
+    """fused marcher: apply the alpha / early-stop rule with a first pass of densities without gradients, then
+    evaluate only the samples it keeps (as the torch marcher always does). False: evaluate every occupied
+    sample once, with gradients, and apply the rule in the compositing: cheaper while the field is still a
+    transparent blob, far dearer on a converged object, whose occupied cells fill its inside."""
     marcher: str = "auto"
     """auto | nerfacc (CUDA) | fused (any device, Warp) | torch (any device): see the module docstring."""
     chunk: int = 1 << 18
@@ -210,17 +215,25 @@ def march(sample_fn: SampleFn, rays_o: torch.Tensor, rays_d: torch.Tensor, radiu
     flat = x.reshape(-1, 3)
     keep = hit[:, None].expand(n_rays, n).reshape(-1)
     if marcher == "fused":
-        from optimize3d.march_warp import composite, occupied_mask
+        from optimize3d.march_warp import composite, occupied_mask, visible_mask
         if grid is not None:
             keep = keep & occupied_mask(grid.binaries, flat, radius)
         idx = keep.nonzero()[:, 0]
+        count = keep.view(n_rays, n).sum(1)
+        dt = (span / n).reshape(-1)
+        rule = density_fn is not None and (cfg.alpha_threshold > 0 or cfg.early_stop_eps > 0)
+        if rule and cfg.first_pass:
+            with torch.no_grad():
+                sigma = torch.cat([density_fn(flat[idx[s:s + cfg.chunk]]).float() for s in range(0, idx.numel(), cfg.chunk)]
+                                  or [flat.new_zeros(0)])
+            seen = visible_mask(sigma, dt, count.cumsum(0) - count, count, cfg.alpha_threshold, cfg.early_stop_eps)
+            idx = idx[seen]
+            count = torch.bincount(idx // n, minlength=n_rays)
+            rule = False                      # applied: the compositing keeps every evaluated sample
         ray_of = idx // n
         sig, val = evaluate(sample_fn, flat[idx], rays_d[ray_of], ray_of, cfg.chunk)
-        count = keep.view(n_rays, n).sum(1)
-        rule = density_fn is not None         # the torch marcher's first pass applies the rule only then
-        values, opacity, depth, weights = composite(sig, val, t_mid.reshape(-1)[idx], (span / n).reshape(-1),
-                                                    count.cumsum(0) - count, count, cfg.alpha_threshold if rule else 0.0,
-                                                    cfg.early_stop_eps if rule else 0.0)
+        values, opacity, depth, weights = composite(sig, val, t_mid.reshape(-1)[idx], dt, count.cumsum(0) - count, count,
+                                                    cfg.alpha_threshold if rule else 0.0, cfg.early_stop_eps if rule else 0.0)
         return {"values": values, "opacity": opacity[:, None], "depth": depth[:, None], "samples": int(idx.numel()),
                 "sample_weights": weights, "sample_values": val}
     if grid is not None:

@@ -1,18 +1,20 @@
-"""The torch marcher's occupancy test and compositing as fused NVIDIA Warp kernels (march.marcher=fused).
+"""The torch marcher's occupancy test, pruning rule and compositing as NVIDIA Warp kernels (march.marcher=fused).
 
-    keep = occupied_mask(grid, x, radius)                         # [N] bool, as march.occupied
+    keep = occupied_mask(grid.binaries, x, radius)                   # [N] bool, as march.occupied
+    seen = visible_mask(sigma, dt, start, count, alpha_threshold, early_stop_eps)      # as march.visible
     values, opacity, depth, weights = composite(sigma, values, t, dt, start, count, alpha_threshold, early_stop_eps)
 
-The torch marcher (march.py) finds which candidate samples to evaluate with a first pass of the density
-without gradients (alpha under alpha_threshold, or behind early_stop_eps of transmittance: dropped), then
-evaluates the rest and composites them in dense [rays, samples] tensors. The fused marcher evaluates every
-candidate in an occupied cell once, with gradients, and applies the same rule inside the compositing: one
-thread per ray walks its samples in order, keeps the running transmittance of all of them (the rule's) and
-of the kept ones (the weights'), and composites only the kept ones. The weights are nerfacc's
-(transmittance exp(-sum of sigma * dt in front), alpha 1 - exp(-sigma * dt)), so with the same densities
-both marchers give the same images and gradients; the fused one saves the first pass and the dense
-scatter, gather and cumulative products (on 2 CPU cores, 2048 rays x 64 samples: bench/generate.py).
-A dropped sample gets weight 0 and no gradient, as an unevaluated one.
+Samples are packed: each ray's `count` samples from `start`, front to back (what nonzero() of the torch
+marcher's [rays, samples] mask gives). The torch marcher applies the released pruning rule (alpha under
+alpha_threshold, or behind early_stop_eps of transmittance: dropped) with a first pass of densities
+without gradients, then evaluates the rest and composites them in dense [rays, samples] tensors. The
+fused marcher does the same with one thread per ray for the rule and for the compositing, so the dense
+scatter, gathers and cumulative products go (march.first_pass). Without a first pass it evaluates every
+candidate in an occupied cell once, with gradients, and the compositing kernel applies the rule itself:
+it keeps the running transmittance of all samples (the rule's) and of the kept ones (the weights'), and
+composites only the kept ones. The weights are nerfacc's (transmittance exp(-sum of sigma * dt in front),
+alpha 1 - exp(-sigma * dt)), so both marchers give the same images and gradients (tested). A dropped
+sample gets weight 0 and no gradient, as an unevaluated one.
 """
 from __future__ import annotations
 
@@ -36,6 +38,18 @@ def occupied_kernel(x: wp.array2d(dtype=float), binaries: wp.array(dtype=wp.uint
             inside = 0
         lin = lin * res + wp.clamp(c, 0, res - 1)
     out[i] = wp.uint8(inside * int(binaries[lin]))
+
+
+@wp.kernel(enable_backward=False)
+def visible_kernel(sigma: wp.array(dtype=float), dt: wp.array(dtype=float), start: wp.array(dtype=int),
+                   count: wp.array(dtype=int), alpha_threshold: float, early_stop_eps: float,
+                   out: wp.array(dtype=wp.uint8)):
+    r = wp.tid()
+    all_transmittance = float(1.0)
+    for i in range(start[r], start[r] + count[r]):
+        alpha = 1.0 - wp.exp(-sigma[i] * dt[r])
+        out[i] = wp.uint8(int(alpha >= alpha_threshold and all_transmittance >= early_stop_eps))
+        all_transmittance = all_transmittance * (1.0 - alpha)
 
 
 @functools.cache
@@ -130,6 +144,18 @@ def occupied_mask(binaries: torch.Tensor, x: torch.Tensor, radius: float) -> tor
     out = torch.empty(x.shape[0], dtype=torch.uint8, device=x.device)
     _launch(occupied_kernel, x.shape[0], [x.float().contiguous(), binaries.reshape(-1).to(torch.uint8),
                                           res, float(radius), out], x.device)
+    return out.bool()
+
+
+def visible_mask(sigma: torch.Tensor, dt: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+                 alpha_threshold: float, early_stop_eps: float) -> torch.Tensor:
+    """march.visible's rule on packed samples (densities [S] without gradients, each ray's step dt [R]) -> [S]
+    bool: alpha at least alpha_threshold, and the transmittance of every sample in front at least early_stop_eps."""
+    init_warp()
+    out = torch.empty(sigma.shape[0], dtype=torch.uint8, device=sigma.device)
+    _launch(visible_kernel, start.shape[0], [sigma.float().contiguous(), dt.float().contiguous(), start.int().contiguous(),
+                                             count.int().contiguous(), float(alpha_threshold), float(early_stop_eps), out],
+            sigma.device)
     return out.bool()
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import common  # noqa: F401  (before torch: see common/__init__.py)
 from optimize3d.inputs import WHITE_LEVEL, InputImageError
 
 OPAQUE = 128

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
 
+import common  # noqa: E402,F401  (before torch: see common/__init__.py)
 from model.convert import ConversionError, convert  # noqa: E402
 from model.mvmodel import FEATURIZATIONS  # noqa: E402
 

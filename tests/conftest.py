@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import common  # noqa: F401  (before torch: its OpenMP setting, see common/__init__.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 # The end-to-end modules and fixtures: what `make check` (pytest -m "not slow") leaves out. Each real Blender

@@ -1,4 +1,5 @@
 """The install files agree with each other, and CI runs exactly the README's test command."""
+import os
 import re
 import shutil
 import tomllib
@@ -59,3 +60,31 @@ def test_imports_follow_the_flow_of_the_stages():
                     if top in FLOW and FLOW.index(top) > stage:
                         backward.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
     assert not backward, backward
+
+
+def test_every_entry_point_imports_common_before_torch():
+    """common/__init__.py sets torch's OpenMP spin (GOMP_SPINCOUNT) only if it runs before torch loads: in
+    every script (pipelines/, bench/, optimize3d/preprocess.py) the first import of torch or of a project
+    package is `common`'s. And it takes effect: a fresh process that imports common then torch has it set."""
+    import ast
+    import subprocess
+    import sys
+    project = {"common", "torch", "model", "optimize3d", "dataset", "render", "pipelines"}
+    scripts = sorted((ROOT / "pipelines").glob("*.py")) + sorted((ROOT / "bench").glob("*.py")) + [ROOT / "optimize3d" / "preprocess.py"]
+    wrong = []
+    for path in scripts:
+        if path.name == "__init__.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            tops = {n.split(".")[0] for n in names} & project
+            if tops:
+                if tops != {"common"}:
+                    wrong.append(f"{path.relative_to(ROOT)}: {sorted(tops)}")
+                break
+    assert not wrong, wrong
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", "import common, torch, os; print(os.environ['GOMP_SPINCOUNT'])"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert out == "10000"
