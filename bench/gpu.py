@@ -11,7 +11,7 @@
 2. Sampling: DDIM-50, CFG 10, 4 views, fp32 (what generate.py's preview does) and bf16 autocast.
 3. The 3D stage at the paper's settings (GenerateConfig.sd21: hash grid 16 levels x 2^19, 512 samples
    per ray, 8 views at 64 px and 4 at 256 px, 16-mixed) at 64 and 256 px, albedo and shaded phases, with the
-   fused (Warp) and the torch hash grid: steps/s, field samples per step, peak memory and the bytes per
+   fused (Warp) and the torch hash grid and marcher (--marcher: one marcher for every row instead): steps/s, field samples per step, peak memory and the bytes per
    field sample that peak implies, and the projected hours of the whole 10,000-step schedule per hash
    grid ("schedule"). An out-of-memory is a result, recorded. Each row is measured twice: on the initial
    blob (`{size}px_{phase}/{impl}`) and on a converged object (`.../object`: the field's density first fitted
@@ -275,7 +275,7 @@ def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduce
         cfg = GenerateConfig.tiny() if reduced else GenerateConfig.sd21()
         groups = dict(zip(cfg.resolutions, cfg.view_groups)).get(size, 1)    # sd21: 8 views at 64 px, 4 at 256
         cfg.resolutions, cfg.resolution_milestones, cfg.view_groups = [size], [], [groups]
-        cfg.march.marcher, cfg.nerf.hash_implementation = marcher, impl
+        cfg.march.marcher, cfg.nerf.hash_implementation = (impl if marcher == "row" else marcher), impl
         first = 0 if phase == "albedo" else cfg.shading_start    # the shading draw follows the step
         precision = Precision.of(cfg.mixed_precision, device)          # sd21: the released 16-mixed
         guide = MultiViewGuidance(model, torch.randn(model.cfg.unet.cross_attention_dim), cfg.guidance,
@@ -300,7 +300,7 @@ def bench_3d(model: MultiViewModel, device, sizes: list[int], steps: int, reduce
             s = (time.perf_counter() - t) / steps
             peak = mem.peak_mb()
             out[key] = {"rays_per_step": cfg.views_at(first) * size * size, "samples_per_ray": cfg.march.samples_per_ray,
-                        "marcher": marcher, "hash_grid": nerf.encoding.__class__.__name__,
+                        "marcher": cfg.march.marcher, "hash_grid": nerf.encoding.__class__.__name__,
                         "steps_per_s": round(1 / s, 3), "seconds_per_step": round(s, 4),
                         "field_samples_per_step": samples // steps,
                         "field_samples_per_ray": round(samples / steps / (cfg.views_at(first) * size * size), 2),
@@ -397,10 +397,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reduced", action="store_true", help="toy sizes of the same code (any device; for tests)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--marcher", default="torch", choices=["torch", "fused", "nerfacc", "auto"],
-                   help="3D stage: torch (default: pure torch, nothing to compile), fused (Warp kernels, compiled "
-                        "on first use) or nerfacc (CUDA; compiles its extension on first use unless a prebuilt "
-                        "nerfacc is installed)")
+    p.add_argument("--marcher", default="row", choices=["row", "torch", "fused", "nerfacc", "auto"],
+                   help="3D stage: row (default: the row's implementation, fused rows the Warp marcher, torch rows "
+                        "the pure-torch one), or one for every row: torch, fused, nerfacc (CUDA; compiles its "
+                        "extension on first use unless a prebuilt nerfacc is installed) or auto")
     p.add_argument("--no-render", action="store_true", help="skip section 4 (Cycles on the GPU)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: bench/results/gpu-<gpu name>.json on a GPU, none on a CPU)")

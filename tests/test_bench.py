@@ -28,9 +28,11 @@ def test_gpu_bench_reduced_runs_every_section(tmp_path):
         assert row["field_samples_per_step"] > 0, key             # the blob or the object, in view
         assert row["steps_per_s"] > 0
         assert row["hash_grid"] == ("FusedHashGrid" if "/fused" in key else "TorchHashGrid")
+        assert row["marcher"] == ("fused" if "/fused" in key else "torch")      # each row all one implementation
     assert set(rows["32px_shaded/fused"]["modes"]) <= {"albedo", "lambertian", "textureless"}
     # The duck's occupancy, fitted: a surface that early termination stops at, so fewer samples per ray than
-    # the blob's (measured 32 px, tiny: blob 11.7, object 1.2 per ray; the bound is 0.8x), the same with either grid.
+    # the blob's (measured 32 px, tiny: blob 11.7, object 1.2 per ray; the bound is 0.8x), the same with either
+    # implementation (the fused marcher's first pass applies the torch marcher's rule).
     fitted = result["generate_3d"]["object"]
     assert fitted["mesh"] == "Duck.glb" and 0.005 < fitted["occupied_fraction"] < 0.1 and fitted["fit_loss"] < 0.2   # 0.0137, 0.026
     for phase in ("albedo", "shaded"):
