@@ -233,7 +233,8 @@ def train_worker(cfg_dict: dict, data_dir: str, run_dir: str, init: Optional[str
     ds = MultiViewDataset(objects, cfg=cfg.data)
     shown = validation_objects(cfg, Path(data_dir), index) if rank == 0 else None
     params = [p for p in model.unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all parameters (the per-tensor loop took 6.5% of a tiny step on 2 cores)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps))
     start = 0
     if resume:

@@ -83,16 +83,30 @@ class DemoConfig:
     stage1: TrainStage = field(default_factory=TrainStage)
     stage2: TrainStage = field(default_factory=lambda: TrainStage(max_steps=100))
     generate: GenerateStage = field(default_factory=GenerateStage)
+    base: Optional[str] = "model/base-tiny"
+    """The checkpoint stage 1 starts from, as the paper's starts from MVDream: the tiny model pre-trained on
+    a larger procedural family that holds none of the demo's objects (pipelines/base.py, `make base`);
+    a relative path is taken from the repository root. null: stage 1 starts from random weights."""
     val_percent: float = 5.0
     """Share of the objects (by uid hash) left out of training; of the 8 default objects it holds out
     exactly one, demo2-0-005-torus."""
 
 
+def base_checkpoint(cfg: DemoConfig) -> Path:
+    path = ROOT / cfg.base
+    if not (path / "config.json").is_file():
+        raise ValueError(f"base={cfg.base}: no checkpoint there (config.json missing); `make base` re-makes it, "
+                         "base=null starts stage 1 from random weights")
+    return path
+
+
 def stage_keys(cfg: DemoConfig) -> dict[str, str]:
     from render.settings import SCHEMA_VERSION as RENDER_SCHEMA
+    from model import checkpoint
     from render.sources import DEMO_VERSION
     keys = {"render": config_hash({"render": cfg.render, "demo": DEMO_VERSION, "schema": [RENDER_SCHEMA, SCHEMA_VERSION]})}
-    keys["stage1"] = config_hash({"after": keys["render"], "train": cfg.stage1, "val": cfg.val_percent})
+    base = None if cfg.base is None else checkpoint.identity(base_checkpoint(cfg))
+    keys["stage1"] = config_hash({"after": keys["render"], "train": cfg.stage1, "val": cfg.val_percent, "base": base})
     keys["stage2"] = config_hash({"after": keys["stage1"], "train": cfg.stage2, "val": cfg.val_percent})
     keys["generate"] = config_hash({"after": keys["stage2"], "generate": cfg.generate, "val": cfg.val_percent})
     return keys
@@ -108,6 +122,8 @@ def check_settings(cfg: DemoConfig) -> None:
                                         *tcfg.overrides], base=TrainConfig.tiny(no)).validate()
     load_config(GenerateConfig, None, [f"steps={cfg.generate.steps}", *cfg.generate.overrides],
                 base=GenerateConfig.tiny()).validate()
+    if cfg.base is not None:
+        base_checkpoint(cfg)
     if cfg.render.count < 2:
         raise ValueError(f"render.count={cfg.render.count}: the demo needs a seen and a held-out object")
 
@@ -174,6 +190,26 @@ def stage(out: Path, name: str, key: str, build: Callable[[Path], None]) -> tupl
     atomic_write_json(work / "stage.json", {"seconds": seconds, "key": key})
     replace_dir(work, final)
     return final, {"seconds": seconds, "cached": False}
+
+
+def render_build(r: RenderStage, log_path: Path, console) -> Callable[[Path], None]:
+    """The render stage's build: the procedural objects through render_objaverse.py."""
+    return lambda w: run_script("render_objaverse.py", [
+        "--source", "demo", "--demo-count", r.count, "--output", w, "--resolution", r.resolution, "--samples", r.samples,
+        "--denoiser", r.denoiser, "--seed", r.seed], log_path, console)
+
+
+def train_build(render_dir: Path, stage_no: int, tcfg: TrainStage, init: Optional[Path], val_percent: float,
+                log_path: Path, console) -> Callable[[Path], None]:
+    """A fine-tuning stage's build: finetune.py with the tiny preset, resuming a killed run of its own."""
+    def build(w: Path):
+        args = ["--stage", stage_no, "--config", "tiny", "--data", render_dir, "--output", w, "--max-steps", tcfg.max_steps]
+        if init is not None:
+            args += ["--init", init]
+        if (w / "checkpoints").is_dir() and any((w / "checkpoints").glob("step-*")):
+            args += ["--resume", "latest"]                       # a killed stage continues
+        run_script("finetune.py", args + [f"val_percent={val_percent}", *tcfg.overrides], log_path, console)
+    return build
 
 
 def latest_checkpoint(run: Path) -> Path:
@@ -249,26 +285,12 @@ def run_demo(cfg: DemoConfig, out: Path, force: Optional[str] = None, console=sy
                  ", from the run that built it" if info["cached"] else "")
         return d
 
-    r = cfg.render
-    render_dir = timed("render", lambda w: run_script("render_objaverse.py", [
-        "--source", "demo", "--demo-count", r.count, "--output", w, "--resolution", r.resolution, "--samples", r.samples,
-        "--denoiser", r.denoiser, "--seed", r.seed], log_dir / "render.log", console))
+    render_dir = timed("render", render_build(cfg.render, log_dir / "render.log", console))
     chosen = demo_objects(render_dir, cfg)          # before training: a bad choice fails at once
-
-    def train(stage_no: int, tcfg: TrainStage, init: Optional[Path]):
-        def build(w: Path):
-            args = ["--stage", stage_no, "--config", "tiny", "--data", render_dir, "--output", w,
-                    "--max-steps", tcfg.max_steps]
-            if init is not None:
-                args += ["--init", init]
-            if (w / "checkpoints").is_dir() and any((w / "checkpoints").glob("step-*")):
-                args += ["--resume", "latest"]                       # a killed stage continues
-            run_script("finetune.py", args + [f"val_percent={cfg.val_percent}", *tcfg.overrides],
-                       log_dir / f"stage{stage_no}.log", console)
-        return build
-
-    stage1 = timed("stage1", train(1, cfg.stage1, None))
-    stage2 = timed("stage2", train(2, cfg.stage2, latest_checkpoint(stage1)))
+    stage1 = timed("stage1", train_build(render_dir, 1, cfg.stage1, None if cfg.base is None else base_checkpoint(cfg),
+                                         cfg.val_percent, log_dir / "stage1.log", console))
+    stage2 = timed("stage2", train_build(render_dir, 2, cfg.stage2, latest_checkpoint(stage1), cfg.val_percent,
+                                         log_dir / "stage2.log", console))
 
     def generate(w: Path):
         # pipelines/evaluate.py on the two chosen objects: the same generate runs and metrics as any evaluation

@@ -108,6 +108,9 @@ def test_logs_are_plain_lines_and_commands_name_final_paths(demo):
     assert "\r" not in stage1 and "stage 1: 100%" in stage1
     for cmd in out.glob("*-*/**/cmd.txt"):
         assert ".partial" not in cmd.read_text(), cmd
+    # Stage 1 starts from the committed base model, as the paper's starts from MVDream.
+    (stage1_cmd,) = out.glob("stage1-*/cmd.txt")
+    assert f"--init {ROOT / 'model' / 'base-tiny'}" in stage1_cmd.read_text()
 
 
 def test_bad_setting_fails_before_anything_is_written(demo, tmp_path, capsys):
@@ -126,7 +129,7 @@ def test_stage_keys_change_with_their_settings_for_that_stage_and_every_later_on
     base = stage_keys(load_config(DemoConfig, None, SMALL))
     for change, first in (("render.samples=2", "render"), ("stage1.max_steps=3", "stage1"),
                           ("stage2.overrides=[lr=0.002]", "stage2"), ("generate.steps=3", "generate"),
-                          (NO_SURFACE, "generate"), ("val_percent=30", "stage1")):
+                          (NO_SURFACE, "generate"), ("val_percent=30", "stage1"), ("base=null", "stage1")):
         keys = stage_keys(load_config(DemoConfig, None, [*SMALL, change]))
         i = STAGES.index(first)
         assert [keys[s] == base[s] for s in STAGES] == [True] * i + [False] * (len(STAGES) - i), change
