@@ -1,9 +1,9 @@
 # make setup   create .venv with every dependency (pinned; see constraints.txt)
 # make demo    pipelines/demo.py: render the 8 built-in procedural objects with Blender through Ray, fine-tune
 #              the tiny model (stage 1, stage 2), turn a seen and a held-out object's image into meshes, evaluate,
-#              write outputs/demo-run/report.html (6 minutes measured on 2 CPU cores; cached afterwards)
+#              write outputs/demo-run/report.html (7.5 minutes measured on 2 CPU cores; cached afterwards)
 # make base    pipelines/base.py: re-make model/base-tiny, the pre-trained tiny model the demo starts from (48 procedural
-#              objects rendered, 5000 training steps: about 40 minutes on 2 CPU cores)
+#              objects rendered, 5000 training steps: 47 minutes measured on 2 CPU cores)
 # make test    the whole test suite (real Blender, real Ray on 127.0.0.1), printing the 15 slowest tests; what CI runs
 # make check   the quick tier for the inner loop: the unit tests, no Blender render, no Ray, no training (under a minute)
 # make setup-browser  Debian's chromium, for the tests that open report.html and the web app (needs root; CI runs it)

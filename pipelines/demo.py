@@ -1,7 +1,7 @@
 """The whole suite on a laptop: procedural objects -> Blender renders -> tiny model fine-tuned in
 stage 1 and stage 2 -> two objects' images -> meshes, evaluated against their renders and meshes, on a page.
 
-    python pipelines/demo.py                          # outputs/demo-run/ (6 minutes measured on 2 cores)
+    python pipelines/demo.py                          # outputs/demo-run/ (7.5 minutes measured on 2 cores)
     python pipelines/demo.py --force stage2           # redo stage 2 and what depends on it
     python pipelines/demo.py render.resolution=48 generate.steps=200
 
