@@ -47,11 +47,13 @@ class BaseConfig:
 
 
 def stage_keys(cfg: BaseConfig, data: Path | None = None) -> dict[str, str]:
-    """data: a render root of the user's instead of the render stage; its key is its resolved path."""
+    """data: a render root of the user's instead of the render stage; its key is its resolved path and the
+    objects it holds now (objects rendered into it later give the training a new key)."""
     from render.settings import SCHEMA_VERSION as RENDER_SCHEMA
     from render.sources import DEMO_VERSION
     if data is not None:
-        keys = {"render": config_hash({"data": str(data.resolve()), "schema": SCHEMA_VERSION})}
+        keys = {"render": config_hash({"data": str(data.resolve()), "objects": sorted(object_dirs(data)),
+                                       "schema": SCHEMA_VERSION})}
     else:
         keys = {"render": config_hash({"render": cfg.render, "demo": DEMO_VERSION, "schema": [RENDER_SCHEMA, SCHEMA_VERSION]})}
     keys["train"] = config_hash({"after": keys["render"], "train": cfg.train})

@@ -12,6 +12,7 @@ it reads: a second run finds every directory and redoes nothing (the report keep
 that did the work); a changed setting gives its stage, and every stage after it, a new key; nothing
 upstream is redone. A stage is built in <stage>-<key>.partial/ and renamed when it succeeds; a killed
 stage resumes there and is never taken for a finished one. Settings are checked before anything runs.
+Stage 1 starts from the committed base model, model/base-tiny (pipelines/base.py; base=null: random weights).
 Two objects are generated, each from its fixed view 0: one *seen* in training (a pipeline that works
 must reproduce what it was trained on) and one *held out* (val_percent's split; the honest case at
 this scale). metrics.json and report.html compare each with its renders and source mesh, beside the
