@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402,F401  (before torch: see common/__init__.py)
 import torch  # noqa: E402
 
+from common.config import git_commit  # noqa: E402
 from model.encoder import EncoderConfig  # noqa: E402
 from model.mvmodel import ModelConfig, MultiViewModel  # noqa: E402
 from model.train import TrainConfig  # noqa: E402
@@ -384,15 +385,6 @@ def bench_render(reduced: bool) -> dict:
     return out
 
 
-def git_commit() -> str | None:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reduced", action="store_true", help="toy sizes of the same code (any device; for tests)")
@@ -413,7 +405,7 @@ def main() -> None:
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     model_cfg = reduced_model() if args.reduced else ModelConfig.sd21()
     model_cfg.allow_random_weights = True
-    result = {"device": name, "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda, "reduced": args.reduced,
+    result = {"device": name, "commit": git_commit(Path(__file__).parent), "torch": torch.__version__, "cuda": torch.version.cuda, "reduced": args.reduced,
               "bf16": bf16, "date": time.strftime("%Y-%m-%d"), "weights": "random"}
     if device.type == "cuda":
         result["gpu_memory_mb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**20)

@@ -113,3 +113,13 @@ def file_digest(path: str | Path) -> str:
     except OSError:
         pass          # a read-only cache costs time, not correctness
     return digest
+
+
+def git_commit(repo: str | Path) -> str | None:
+    """The short commit hash the working tree at `repo` is on (recorded beside results), None outside git."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=repo).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

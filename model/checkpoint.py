@@ -191,7 +191,29 @@ def load_training_state(path: Path, optimizer, scheduler) -> int:
     ts = Path(path) / "training_state"
     optimizer.load_state_dict(torch.load(ts / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ts / "scheduler.pt", weights_only=True))
-    return json.loads((ts / "state.json").read_text())["step"]
+    return recorded_state(path)["step"]
+
+
+def recorded_state(path: Path) -> dict:
+    """What save() recorded beside the training state: {"step": N, ...the extra it was given, e.g. "loss"}."""
+    return json.loads((Path(path) / "training_state" / "state.json").read_text())
+
+
+def export_for_sampling(path: Path, dest: Path) -> bool:
+    """The checkpoint at `path` as a folder without training state, for --init and --checkpoint: config.json,
+    unet/ holding its sampling weights (the moving average when it has one), scheduler/, and its vae link.
+    `dest` must not exist (build it under a temporary name and rename it). -> whether the weights are the
+    moving average."""
+    path, dest = Path(path), Path(dest)
+    weights = sampling_weights(path)
+    (dest / UNET_WEIGHTS.parent).mkdir(parents=True)
+    shutil.copy2(path / "config.json", dest / "config.json")
+    shutil.copy2(path / UNET_WEIGHTS.parent / "config.json", dest / UNET_WEIGHTS.parent / "config.json")
+    shutil.copy2(weights, dest / UNET_WEIGHTS)
+    shutil.copytree(path / "scheduler", dest / "scheduler")
+    if (path / "vae").is_symlink():
+        os.symlink(os.readlink(path / "vae"), dest / "vae", target_is_directory=True)
+    return weights == path / EMA_WEIGHTS
 
 
 def model_config(path: Path, overrides=()):

@@ -17,10 +17,10 @@ and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a clone without install
 
 from common.atomic import atomic_write_json, replace_dir  # noqa: E402
-from common.config import ConfigError, config_hash, load_config, save_config  # noqa: E402
+from common.config import ConfigError, config_hash, git_commit, load_config, save_config  # noqa: E402
 from render.layout import object_dirs  # noqa: E402
 from pipelines.demo import RenderStage, TrainStage, latest_checkpoint, render_build, stage, train_build  # noqa: E402
 
@@ -70,18 +70,13 @@ def check_settings(cfg: BaseConfig) -> None:
 
 def publish(ckpt: Path, dest: Path, provenance: dict) -> Path:
     """The checkpoint's sampling weights (its moving average when it has one) as a checkpoint folder that
-    --init and --checkpoint take: config.json, unet/, scheduler/, base.json. No training state."""
-    from model.checkpoint import EMA_WEIGHTS, UNET_WEIGHTS, sampling_weights
+    --init and --checkpoint take (model.checkpoint.export_for_sampling), with base.json; under a temporary
+    name, renamed when complete."""
+    from model.checkpoint import export_for_sampling
     work = dest.with_name(dest.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    (work / "unet").mkdir(parents=True)
-    shutil.copy2(ckpt / "config.json", work / "config.json")
-    shutil.copy2(ckpt / UNET_WEIGHTS.parent / "config.json", work / "unet" / "config.json")
-    weights = sampling_weights(ckpt)
-    shutil.copy2(weights, work / UNET_WEIGHTS)
-    shutil.copytree(ckpt / "scheduler", work / "scheduler")
-    atomic_write_json(work / "base.json", {**provenance, "weights": "moving average" if weights.parent.name ==
-                                           EMA_WEIGHTS.parent.name else "trained"})
+    averaged = export_for_sampling(ckpt, work)
+    atomic_write_json(work / "base.json", {**provenance, "weights": "moving average" if averaged else "trained"})
     replace_dir(work, dest)
     return dest
 
@@ -98,23 +93,16 @@ def run_base(cfg: BaseConfig, out: Path, publish_to: Path, cmd: str, data: Path 
         render_dir, render_info = stage(out, "render", keys["render"], render_build(cfg.render, logs / "render.log", console))
     train_dir, train_info = stage(out, "train", keys["train"], train_build(render_dir, 1, cfg.train, None, 0.0,
                                                                            logs / "train.log", console))
+    from model.checkpoint import recorded_state
     ckpt = latest_checkpoint(train_dir)
-    state = json.loads((ckpt / "training_state" / "state.json").read_text())
+    state = recorded_state(ckpt)
     objects = sorted(object_dirs(render_dir))
-    provenance = {"command": cmd, "settings": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)),
+    provenance = {"command": cmd, "settings": dataclasses.asdict(cfg),
                   "keys": keys, "objects": objects, "step": state["step"], "final_loss": state.get("loss"),
                   "seconds": {"render": render_info["seconds"], "train": train_info["seconds"]},
-                  "commit": _git_commit()}
+                  "commit": git_commit(ROOT)}
     publish(ckpt, publish_to, provenance)
     return provenance
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv=None) -> int:

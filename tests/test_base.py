@@ -42,7 +42,7 @@ def test_base_command_trains_and_publishes_a_checkpoint_that_loads(rendered_demo
     assert sorted(p.name for p in dest.iterdir()) == ["base.json", "config.json", "scheduler", "unet"]
     run_ckpt = checkpoint.latest(next(out.glob("train-*")) / "checkpoints")
     # What was published is the run's moving average, bit for bit, and loads as a model.
-    assert load_file(str(dest / checkpoint.UNET_WEIGHTS)) .keys() == load_file(str(run_ckpt / checkpoint.EMA_WEIGHTS)).keys()
+    assert load_file(str(dest / checkpoint.UNET_WEIGHTS)).keys() == load_file(str(run_ckpt / checkpoint.EMA_WEIGHTS)).keys()
     for k, v in load_file(str(dest / checkpoint.UNET_WEIGHTS)).items():
         assert torch.equal(v, load_file(str(run_ckpt / checkpoint.EMA_WEIGHTS))[k])
     checkpoint.load_model(dest)
