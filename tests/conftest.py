@@ -110,12 +110,21 @@ def tiny_checkpoint(rendered_demo, tmp_path_factory):
     return made_once(tmp_path_factory, "tiny_run", fine_tune) / "checkpoints" / "step-000006"
 
 
-def run_main(script: str, args: list, capsys) -> tuple[int, str, str]:
+def run_main(script: str, args: list, capsys=None) -> tuple[int, str, str]:
     """pipelines/<script>.py's main(args) in this process: what `python pipelines/<script>.py ARGS` runs, less
-    the interpreter start and imports (seconds per call). -> (exit code, stdout, stderr)."""
+    the interpreter start and imports (seconds per call). What it prints is read with pytest's `capsys`, or,
+    without it (a fixture's call), by redirecting sys.stdout and sys.stderr. -> (exit code, stdout, stderr)."""
+    import contextlib
     import importlib
+    import io
+    main = importlib.import_module(f"pipelines.{script}").main
+    if capsys is None:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
     capsys.readouterr()
-    code = importlib.import_module(f"pipelines.{script}").main([str(a) for a in args])
+    code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -64,9 +64,10 @@ def kill_during_the_3d_stage(args: list, uid: str, out: Path, marker_value: str)
 
 @pytest.fixture(scope="module")
 def evaluated(rendered_demo, tiny_checkpoint, tmp_path_factory):
-    """3 objects, as a user would meet the pipeline: a first run (no LPIPS backbone) killed during the first
-    object's 3D stage; the same command again, which resumes it and evaluates all three; then the command
-    with --lpips-backbone, which adds LPIPS to every object without generating anything again."""
+    """3 objects, as a user would meet the pipeline: a first run (the command, no LPIPS backbone) killed during
+    the first object's 3D stage; the same arguments again (main in this process, the driver of the local Ray it
+    starts), which resume it and evaluate all three; then with --lpips-backbone, which adds LPIPS to every
+    object without generating anything again."""
     tmp = tmp_path_factory.mktemp("evaluate")
     root, uids = render_root_of(rendered_demo, tmp, 3)
     out = tmp / "out"
@@ -74,15 +75,15 @@ def evaluated(rendered_demo, tiny_checkpoint, tmp_path_factory):
     kill_during_the_3d_stage(args + FAST, uids[0], out, str(tmp))
     killed = {"partial": bool(list((out / "runs" / uids[0]).glob("*.partial"))),
               "row": (out / "objects" / f"{uids[0]}.json").exists()}
-    resumed = subprocess.run(args + FAST, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, _, resumed_err = run_main("evaluate", args[2:] + FAST)
+    assert code == 0, resumed_err[-3000:]
     resumed_rows = {u: json.loads((out / "objects" / f"{u}.json").read_text()) for u in uids}
     backbone = alexnet_file(tmp / "alexnet.pth")
-    scored = subprocess.run(args + ["--lpips-backbone", str(backbone)] + FAST, capture_output=True, text=True, timeout=900)
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    assert "LPIPS left out" not in scored.stderr
+    code, _, scored_err = run_main("evaluate", args[2:] + ["--lpips-backbone", str(backbone)] + FAST)
+    assert code == 0, scored_err[-3000:]
+    assert "LPIPS left out" not in scored_err
     return {"root": root, "uids": uids, "out": out, "checkpoint": tiny_checkpoint, "backbone": backbone,
-            "killed": killed, "resumed": resumed, "resumed_rows": resumed_rows}
+            "killed": killed, "resumed_err": resumed_err, "resumed_rows": resumed_rows}
 
 
 def test_every_object_gets_metrics_and_the_summary_adds_them_up(evaluated):
@@ -162,9 +163,9 @@ def test_bad_render_roots_and_backbones_are_one_line_errors(rendered_demo, tmp_p
 def test_a_killed_evaluation_resumes(evaluated):
     """The killed first run left the object's run folder as .partial and no row; the same command again resumed
     that folder (its NeRF checkpoints) and finished every object, saying in one line that LPIPS was left out."""
-    uid, resumed = evaluated["uids"][0], evaluated["resumed"]
+    uid = evaluated["uids"][0]
     assert evaluated["killed"] == {"partial": True, "row": False}
-    assert "LPIPS left out" in resumed.stderr
+    assert "LPIPS left out" in evaluated["resumed_err"]
     row = evaluated["resumed_rows"][uid]
     assert "lpips" not in row["metrics"]["2d"]
     assert row["status"] == "evaluated" and row["generate"] == "ok"

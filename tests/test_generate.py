@@ -61,32 +61,39 @@ def test_generate_writes_mesh_turntable_and_views(generated):
     assert [s for s, _ in events["scalars"]["sds"]] == [10, 12] and events["images"]["validation"][-1] == 12
 
 
-def test_rerun_is_cached_and_export_settings_only_reexport(generated, input_image, tiny_checkpoint):
+def test_rerun_is_cached_and_export_settings_only_reexport(generated, input_image, tiny_checkpoint, capsys):
+    """The CLI's main in this process (the `generated` fixture ran it as a command): a rerun, then two export
+    formats, which re-export the kept field without optimising again."""
     out, result = generated
     d = result["output"]
-    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST)
-    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "cached"
+    args = ["--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST]
+    code, printed, _ = run_main("generate", args, capsys)
+    assert code == 0 and json.loads(printed)["status"] == "cached"
     losses = (out / d.rsplit("/", 1)[1] / "losses.jsonl").read_text()
-    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST, "export.format=obj")
-    assert r.returncode == 0, r.stderr[-2000:]
-    again = json.loads(r.stdout)
+    code, printed, err = run_main("generate", [*args, "export.format=obj"], capsys)
+    assert code == 0, err[-2000:]
+    again = json.loads(printed)
     assert again["status"] == "ok" and again["output"] == d              # same directory, not a new optimisation
     assert (out / d.rsplit("/", 1)[1] / "mesh.obj").is_file() and (out / d.rsplit("/", 1)[1] / "mesh.glb").is_file()
-    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST, "export.format=ply")
-    assert r.returncode == 0 and not (out / d.rsplit("/", 1)[1] / "mesh.obj").exists()   # no stale format left
+    code, _, _ = run_main("generate", [*args, "export.format=ply"], capsys)
+    assert code == 0 and not (out / d.rsplit("/", 1)[1] / "mesh.obj").exists()   # no stale format left
     assert (out / d.rsplit("/", 1)[1] / "losses.jsonl").read_text() == losses
 
 
-def test_too_high_threshold_is_a_clear_error_and_the_optimisation_is_kept(generated, input_image, tiny_checkpoint):
+def test_too_high_threshold_is_a_clear_error_and_the_optimisation_is_kept(generated, input_image, tiny_checkpoint,
+                                                                         capsys):
     out, result = generated
-    r = run("--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out, *FAST, "export.threshold=1e6")
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "try export.threshold=" in r.stderr
+    code, _, err = run_main("generate", ["--image", input_image, "--checkpoint", tiny_checkpoint, "--output", out,
+                                         *FAST, "export.threshold=1e6"], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "try export.threshold=" in err
+    assert (out / result["output"].rsplit("/", 1)[1] / "nerf" / "step-000012").is_dir()     # the field is kept
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(generated, input_image, tiny_checkpoint, tmp_path):
+def test_killed_run_resumes_from_its_last_checkpoint(generated, input_image, tiny_checkpoint, tmp_path, capsys):
     """The `generated` run's settings, killed once step 4's checkpoint exists (8 steps, about 4 s here, before
-    the end), then run again: it resumes and ends with exactly the `generated` run's weights."""
+    the end), then run again (main in this process): it resumes and ends with exactly the `generated` run's
+    weights."""
     args = [sys.executable, SCRIPT, "--image", str(input_image), "--checkpoint", str(tiny_checkpoint),
             "--output", str(tmp_path), *FAST]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -98,9 +105,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(generated, input_image, tin
     partial = list(tmp_path.glob("*.partial"))
     assert len(partial) == 1 and not (partial[0] / "mesh.glb").exists()
     killed_at = max(int(p.name.split("-")[1]) for p in (partial[0] / "nerf").glob("step-*"))
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    d = tmp_path / json.loads(r.stdout)["output"].rsplit("/", 1)[1]
+    code, printed, err = run_main("generate", args[2:], capsys)
+    assert code == 0, err[-2000:]
+    d = tmp_path / json.loads(printed)["output"].rsplit("/", 1)[1]
     assert (d / "mesh.glb").is_file() and not list(tmp_path.glob("*.partial"))
     assert "resumed from" in (d / "generate.log").read_text() and f"step {killed_at})" in (d / "generate.log").read_text()
     # The resumed run ends with exactly the weights of the uninterrupted one (every draw is a function of
@@ -114,16 +121,21 @@ def test_killed_run_resumes_from_its_last_checkpoint(generated, input_image, tin
         assert torch.equal(resumed[k], uninterrupted[k]), k
 
 
-def test_many_images_one_ray_task_each(input_image, tiny_checkpoint, tmp_path):
+def test_many_images_one_ray_task_each(input_image, tiny_checkpoint, tmp_path, capsys):
+    """main in this process, as the driver of the local Ray it starts (shut down at the end)."""
+    import ray
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.png").write_bytes(input_image.read_bytes())
     Image.open(input_image).convert("RGB").save(folder / "b.jpg")
     (folder / "c.png").write_text("not an image")
-    r = run("--images", folder, "--checkpoint", tiny_checkpoint, "--output", tmp_path / "out", *FAST[:2], "--steps", "2",
-            *FAST[2:])
-    assert r.returncode == 1                                                # c.png failed, the others did not
-    results = {os.path.basename(x["image"]): x for x in json.loads(r.stdout)}
+    try:
+        code, printed, _ = run_main("generate", ["--images", folder, "--checkpoint", tiny_checkpoint, "--output",
+                                                 tmp_path / "out", *FAST, "--steps", "2"], capsys)
+    finally:
+        ray.shutdown()
+    assert code == 1                                                        # c.png failed, the others did not
+    results = {os.path.basename(x["image"]): x for x in json.loads(printed)}
     assert results["a.png"]["status"] == "ok" and results["b.jpg"]["status"] == "ok"
     assert results["c.png"]["status"] == "failed" and "not a readable image" in results["c.png"]["error"]
     assert len(list((tmp_path / "out").glob("*/mesh.glb"))) == 2
