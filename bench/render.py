@@ -174,7 +174,8 @@ def pipeline(objects_dir, workers, threads, objects_per_worker, overrides):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="32 px, two objects, a short curve, one worker layout (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="32 px, a short curve on one object, the pipeline on two, one worker layout (a smoke run)")
     p.add_argument("--out", type=Path, help="also write the JSON here (with --parts, into what it holds already)")
     p.add_argument("--parts", default="breakdown,curve,pipeline",
                    help="what to measure, any of breakdown, curve, pipeline (default: %(default)s)")
@@ -194,7 +195,7 @@ def main():
     report.update(machine={"cpus": cpus}, resolution=settings.resolution)
     default = {k: getattr(settings, k) for k in TUNED}
     if "curve" in parts:
-        rows = curve(objects, settings.resolution, reference, levels)
+        rows = curve(objects[:1] if args.quick else objects, settings.resolution, reference, levels)
         qualified = [r for r in rows if r["every_view_40db"] and "light_paths" not in r]
         chosen = min(qualified, key=lambda r: r["seconds_per_view"]) if qualified else None
         report["curve"] = {"reference_samples": reference, "rows": rows,

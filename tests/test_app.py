@@ -164,17 +164,17 @@ def request(app, image, disconnect: bool) -> str:
     return "DISCONNECTED" if disconnect and proc.returncode < 0 else last
 
 
-def test_soak_8_requests_4_clients_some_disconnecting_some_repeating(app, rendered_demo):
-    """8 requests for 2 pictures from 4 concurrent clients (the app generates 2 at once), each picture's first
-    request disconnecting mid-run: every staying request gets its picture's one result, each picture is
-    made once (repeats wait on its lock, then find it, or resume the disconnected run's .partial), and no
-    generate.py and no .partial folder is left."""
+def test_soak_6_requests_3_clients_some_disconnecting_some_repeating(app, rendered_demo):
+    """6 requests for 2 pictures from 3 concurrent clients (one more than the 2 the app generates at once, so
+    one request always waits), each picture's first request disconnecting mid-run: every staying request gets
+    its picture's one result, each picture is made once (repeats wait on its lock, then find it, or resume the
+    disconnected run's .partial), and no generate.py and no .partial folder is left."""
     import psutil
     from concurrent.futures import ThreadPoolExecutor
     from optimize3d.inputs import image_digest
     pictures = [object_dir(rendered_demo, uid) / "fixed" / "004.png" for uid in ("demo2-0-001-sphere", "demo2-0-003-cone")]
-    plan = [(pictures[i % 2], i < 2) for i in range(8)]        # each picture: 1 disconnecting, then 3 staying
-    with ThreadPoolExecutor(4) as clients:
+    plan = [(pictures[i % 2], i < 2) for i in range(6)]        # each picture: 1 disconnecting, then 2 staying
+    with ThreadPoolExecutor(3) as clients:
         outcomes = list(clients.map(lambda job: request(app, *job), plan))
     for (picture, disconnect), outcome in zip(plan, outcomes):
         assert outcome == "DISCONNECTED" if disconnect else outcome.startswith(("END done:", "END cached:")), outcome

@@ -3,7 +3,6 @@ against diffusers' own single-file loader), the released checkpoint's camera fea
 tower, refusing pickles, and original files accepted by finetune.py directly."""
 import dataclasses
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -263,7 +262,7 @@ def assert_released_model(model_cfg, sd, tower):
 
 
 def test_converted_directory_brings_vae_encoder_and_featurisation_to_finetune_and_generate(released_like, rendered_demo,
-                                                                                           tmp_path, monkeypatch):
+                                                                                           tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))
     import finetune
     import generate
@@ -297,14 +296,14 @@ def test_converted_directory_brings_vae_encoder_and_featurisation_to_finetune_an
         ldm_cam = sd["model.diffusion_model.camera_embed.0.weight"]
         assert torch.equal(loaded.unet.class_embedding.linear_1.weight, ldm_cam)
         monkeypatch.setenv("ISO3D_CACHE", str(tmp_path / "cache"))
-        r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--image",
-                            str(DATA / "clip-rgba-333x300.png"), "--checkpoint", str(tmp_path / "run"), "--output",
-                            str(tmp_path / "gen"), "--config", "tiny", "--steps", "2", "--no-progress", "preview_steps=1",
-                            "val_every=2", "ckpt_every=2", "export.resolution=32", "export.threshold=3", "export.turntable_frames=2",
-                            "export.turntable_size=16"], capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads(r.stdout)["status"] == "ok"
-        assert r.stderr.count("generate.py: note: the full-size path (vae latents") == 1     # said once, up front
+        code, printed, err = run_main("generate", ["--image", DATA / "clip-rgba-333x300.png", "--checkpoint",
+                                                   tmp_path / "run", "--output", tmp_path / "gen", "--config", "tiny",
+                                                   "--steps", "2", "--no-progress", "preview_steps=1", "val_every=2",
+                                                   "ckpt_every=2", "export.resolution=32", "export.threshold=3",
+                                                   "export.turntable_frames=2", "export.turntable_size=16"], capsys)
+        assert code == 0, err[-2000:]
+        assert json.loads(printed)["status"] == "ok"
+        assert err.count("generate.py: note: the full-size path (vae latents") == 1     # said once, up front
     finally:
         sys.path.remove(str(ROOT / "pipelines"))
 

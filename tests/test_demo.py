@@ -23,9 +23,11 @@ from common.config import load_config
 from tests.conftest import ROOT, chromium_path, run_main
 
 SCRIPT = str(ROOT / "pipelines" / "demo.py")
-# 4 objects at 32 px; val_percent 25 holds out demo2-0-002-cylinder and demo2-0-003-cone.
+# 4 objects at 32 px; val_percent 25 holds out demo2-0-002-cylinder and demo2-0-003-cone. Each stage's final
+# validation grid samples with 2 steps, not 20 (3 s of a 2-step stage's 5 s of training).
 SMALL = ["render.count=4", "render.resolution=32", "render.samples=4", "render.denoiser=none", "val_percent=25",
-         "stage1.max_steps=2", "stage2.max_steps=2", "generate.steps=4",
+         "stage1.max_steps=2", "stage2.max_steps=2", "stage1.overrides=[sample_steps=2]",
+         "stage2.overrides=[sample_steps=2]", "generate.steps=4",
          "generate.overrides=[val_every=4,ckpt_every=2,preview_steps=2,export.resolution=32,export.threshold=3,"
          "export.turntable_frames=4,export.turntable_size=32]"]
 NO_SURFACE = SMALL[-1].replace("export.threshold=3,", "export.threshold=1e9,")   # a field with no surface that dense
@@ -128,7 +130,7 @@ def test_stage_keys_change_with_their_settings_for_that_stage_and_every_later_on
     from pipelines.demo import STAGES, DemoConfig, stage_keys
     base = stage_keys(load_config(DemoConfig, None, SMALL))
     for change, first in (("render.samples=2", "render"), ("stage1.max_steps=3", "stage1"),
-                          ("stage2.overrides=[lr=0.002]", "stage2"), ("generate.steps=3", "generate"),
+                          ("stage2.overrides=[sample_steps=2,lr=0.002]", "stage2"), ("generate.steps=3", "generate"),
                           (NO_SURFACE, "generate"), ("val_percent=30", "stage1"), ("base=null", "stage1")):
         keys = stage_keys(load_config(DemoConfig, None, [*SMALL, change]))
         i = STAGES.index(first)

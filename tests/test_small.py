@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, run_main
 from tests.ldm_layout import unet_keys, vae_keys
 
 SMALL_LDM = dict(in_ch=4, out_ch=4, mc=32, mult=(1, 2), res_blocks=1, attention_levels=(1,), ctx=64)
@@ -100,14 +99,13 @@ def test_small_preset_runs_every_full_size_path(small_weights, rendered_demo, tm
     finally:
         sys.path.remove(str(ROOT / "pipelines"))
 
-    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--image",
-                        str(DATA / "clip-rgba-333x300.png"), "--checkpoint", str(s2), "--output", str(tmp_path / "gen"),
-                        "--steps", "2", "--no-progress", "preview_steps=2", "val_every=2", "ckpt_every=2",
-                        "export.resolution=32", "export.threshold=2", "export.turntable_frames=2",
-                        "export.turntable_size=16"], capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "ISO3D_CACHE": str(tmp_path / "cache")})
-    assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads(r.stdout)
+    code, printed, err = run_main("generate", ["--image", DATA / "clip-rgba-333x300.png", "--checkpoint", s2,
+                                               "--output", tmp_path / "gen", "--steps", "2", "--no-progress",
+                                               "preview_steps=2", "val_every=2", "ckpt_every=2", "export.resolution=32",
+                                               "export.threshold=2", "export.turntable_frames=2",
+                                               "export.turntable_size=16"], capsys)
+    assert code == 0, err[-2000:]
+    result = json.loads(printed)
     assert result["status"] == "ok" and result["faces"] > 0, result
     out = tmp_path / "gen" / result["output"].rsplit("/", 1)[1]
     assert (out / "mesh.glb").stat().st_size > 0 and (out / "multiview.png").is_file()
