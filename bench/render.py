@@ -186,16 +186,17 @@ def main():
     from render.settings import RenderSettings
     settings = RenderSettings()
     objects = sorted(ASSETS.glob("*.glb"))
-    levels, reference = LEVELS, 1024
+    levels, reference, curve_objects = LEVELS, 1024, objects
     if args.quick:
         settings.resolution, settings.samples, settings.denoiser = 32, 2, "none"
         objects, levels, reference = objects[:2], [{"samples": 2, "denoiser": "none"}, {"samples": 2, "denoiser": "fast"}], 16
+        curve_objects = objects[:1]
     cpus = os.cpu_count() or 1
     report = json.loads(args.out.read_text()) if args.out and args.out.exists() and parts != ALL_PARTS else {}
     report.update(machine={"cpus": cpus}, resolution=settings.resolution)
     default = {k: getattr(settings, k) for k in TUNED}
     if "curve" in parts:
-        rows = curve(objects[:1] if args.quick else objects, settings.resolution, reference, levels)
+        rows = curve(curve_objects, settings.resolution, reference, levels)
         qualified = [r for r in rows if r["every_view_40db"] and "light_paths" not in r]
         chosen = min(qualified, key=lambda r: r["seconds_per_view"]) if qualified else None
         report["curve"] = {"reference_samples": reference, "rows": rows,

@@ -47,12 +47,14 @@ class BaseConfig:
 
 
 def stage_keys(cfg: BaseConfig, data: Path | None = None) -> dict[str, str]:
-    """data: a render root of the user's instead of the render stage; its key is its resolved path and the
-    objects it holds now (objects rendered into it later give the training a new key)."""
+    """data: a render root of the user's instead of the render stage; its key is its resolved path and its
+    objects' fingerprints as the prepare step reads them (objects rendered into it, or re-rendered, later
+    give the training a new key)."""
+    from dataset.prepared import rendered_fingerprints
     from render.settings import SCHEMA_VERSION as RENDER_SCHEMA
     from render.sources import DEMO_VERSION
     if data is not None:
-        keys = {"render": config_hash({"data": str(data.resolve()), "objects": sorted(object_dirs(data)),
+        keys = {"render": config_hash({"data": str(data.resolve()), "objects": rendered_fingerprints(data),
                                        "schema": SCHEMA_VERSION})}
     else:
         keys = {"render": config_hash({"render": cfg.render, "demo": DEMO_VERSION, "schema": [RENDER_SCHEMA, SCHEMA_VERSION]})}

@@ -67,8 +67,9 @@ def psnr_on_white(sampled: Path, truth_rgba: Path) -> float:
 def test_demo_writes_meshes_metrics_and_report_for_a_seen_and_a_held_out_object(demo):
     """Measured at these toy settings (2 training steps from the base model, 4 SDS steps: the sampled views are
     blotches and the field is still near its initial blob): 2D PSNR 8.1-8.2 dB (7.2-7.3 from random weights),
-    silhouette IoU 0.63-0.68, volume IoU 0.52-0.55 on 2 cores. The floors below sit well under those and well above what an empty, misplaced or unexported
-    field gives (0); the 2D PSNR is recomputed here from the written images."""
+    silhouette IoU 0.63-0.68, volume IoU 0.52-0.55 on 2 cores. The floors below sit well under those and well
+    above what an empty, misplaced or unexported field gives (0); the 2D PSNR is recomputed here from the
+    written images."""
     out, summary = demo
     objects = summary["objects"]
     assert objects["seen"]["object"] == "demo2-0-000-box" and objects["held_out"]["object"] == "demo2-0-002-cylinder"

@@ -71,15 +71,15 @@ def evaluated(rendered_demo, tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     root, uids = render_root_of(rendered_demo, tmp, 3)
     out = tmp / "out"
-    args = [sys.executable, SCRIPT, "--objects", str(root), "--checkpoint", str(tiny_checkpoint), "--output", str(out)]
-    kill_during_the_3d_stage(args + FAST, uids[0], out, str(tmp))
+    args = ["--objects", str(root), "--checkpoint", str(tiny_checkpoint), "--output", str(out)]
+    kill_during_the_3d_stage([sys.executable, SCRIPT, *args, *FAST], uids[0], out, str(tmp))
     killed = {"partial": bool(list((out / "runs" / uids[0]).glob("*.partial"))),
               "row": (out / "objects" / f"{uids[0]}.json").exists()}
-    code, _, resumed_err = run_main("evaluate", args[2:] + FAST)
+    code, _, resumed_err = run_main("evaluate", args + FAST)
     assert code == 0, resumed_err[-3000:]
     resumed_rows = {u: json.loads((out / "objects" / f"{u}.json").read_text()) for u in uids}
     backbone = alexnet_file(tmp / "alexnet.pth")
-    code, _, scored_err = run_main("evaluate", args[2:] + ["--lpips-backbone", str(backbone)] + FAST)
+    code, _, scored_err = run_main("evaluate", args + ["--lpips-backbone", str(backbone)] + FAST)
     assert code == 0, scored_err[-3000:]
     assert "LPIPS left out" not in scored_err
     return {"root": root, "uids": uids, "out": out, "checkpoint": tiny_checkpoint, "backbone": backbone,

@@ -94,9 +94,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(generated, input_image, tin
     """The `generated` run's settings, killed once step 4's checkpoint exists (8 steps, about 4 s here, before
     the end), then run again (main in this process): it resumes and ends with exactly the `generated` run's
     weights."""
-    args = [sys.executable, SCRIPT, "--image", str(input_image), "--checkpoint", str(tiny_checkpoint),
-            "--output", str(tmp_path), *FAST]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["--image", str(input_image), "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path), *FAST]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 300               # a readiness wait, not a timing assertion
     while not list(tmp_path.glob("*.partial/nerf/step-000004")) and time.time() < deadline:
         time.sleep(0.1)
@@ -105,7 +105,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(generated, input_image, tin
     partial = list(tmp_path.glob("*.partial"))
     assert len(partial) == 1 and not (partial[0] / "mesh.glb").exists()
     killed_at = max(int(p.name.split("-")[1]) for p in (partial[0] / "nerf").glob("step-*"))
-    code, printed, err = run_main("generate", args[2:], capsys)
+    code, printed, err = run_main("generate", args, capsys)
     assert code == 0, err[-2000:]
     d = tmp_path / json.loads(printed)["output"].rsplit("/", 1)[1]
     assert (d / "mesh.glb").is_file() and not list(tmp_path.glob("*.partial"))
