@@ -148,7 +148,8 @@ def render_worker_pids(root) -> list[int]:
 
 
 def tensorboard_events(folder: Path) -> dict:
-    """{"scalars": {tag: [(step, value)]}, "images": {tag: [step]}} of the TensorBoard event files in `folder`."""
+    """{"scalars": {tag: [(step, value)]}, "images": {tag: [step]}} of the TensorBoard event files in `folder` (or of
+    the one event file `folder`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()

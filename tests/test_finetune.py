@@ -123,8 +123,12 @@ def test_the_moving_average_is_diffusers_warm_up_average_of_the_trained_weights(
 
 
 # One Ray Train run (2 DDP workers x 1 object per micro-batch, 2 micro-batches accumulated: DDP all-reduces only
-# at the second, no_sync) through the CLI serves three tests: the CLI's outputs, the DDP equivalence with one
-# process x 2 objects, and the killed-worker run, which must end with exactly its weights.
+# at the second, no_sync) through the CLI, one of whose workers is SIGKILLed once its step-2 checkpoint exists,
+# serves three tests: the CLI's outputs, the restart (Ray Train's FailureConfig), and the DDP equivalence with one
+# process x 2 objects, which the restarted run must still meet. (An earlier suite compared the killed run bit for
+# bit with a second, unkilled Ray Train run, 30 s more; it was equal. A resume that lost the optimiser's or the
+# moving average's state, or started over from random weights, misses the equivalence's bounds; the resume itself
+# is exact: test_resume_gives_the_same_weights_as_training_straight, in this process.)
 RAY_RUN = ["--stage", "1", "--config", "tiny", "--max-steps", "4", "--num-workers", "2", "sample_steps=2", "val_every=10000",
            "log_every=1", "ckpt_every=2", "batch_size=1", "grad_accum=2", "warmup_steps=1", "lr_schedule=constant"]
 WEIGHTS = "checkpoints/step-000004/unet/diffusion_pytorch_model.safetensors"
@@ -132,17 +136,24 @@ WEIGHTS = "checkpoints/step-000004/unet/diffusion_pytorch_model.safetensors"
 
 @pytest.fixture(scope="module")
 def ray_run(ray_local, two_objects, tmp_path_factory):
+    """-> (run directory, what the kill did: {"pid", "in_time"})"""
     run = tmp_path_factory.mktemp("ray_run") / "s1"
-    assert finetune_main([*RAY_RUN, "--data", str(two_objects), "--output", str(run)]) == 0
-    return run
+    kill = kill_a_train_worker_once(run, after="step-000002", before="step-000004")
+    try:
+        assert finetune_main([*RAY_RUN, "--data", str(two_objects), "--output", str(run), "--max-failures", "1"]) == 0
+    finally:
+        kill["stop"] = True
+        kill["thread"].join()
+    return run, kill
 
 
 def test_stage1_on_ray_train_then_stage2_through_the_cli(ray_run, two_objects, tmp_path):
-    ckpt = ray_run / "checkpoints" / "step-000004"
+    run, _ = ray_run
+    ckpt = run / "checkpoints" / "step-000004"
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["camera_featurization"] == "mvdream" and cfg["latent"] == "pixel"
-    assert (ray_run / "config.yaml").exists() and "finetune" in (ray_run / "cmd.txt").read_text()
-    assert sorted(p.name for p in (ray_run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert (run / "config.yaml").exists() and "finetune" in (run / "cmd.txt").read_text()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     s2 = tmp_path / "s2"
     assert finetune_main(["--stage", "2", "--data", str(two_objects), "--output", str(s2), "--init", str(ckpt),
                           "--max-steps", "2", "sample_steps=2"]) == 0
@@ -172,7 +183,8 @@ def test_two_ranks_gradients_average_to_the_double_batch_gradient(two_objects):
 
 
 def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_run, two_objects, tmp_path):
-    """The Ray Train run (2 DDP workers, gloo, x 1 object) against this process x 2 objects, 4 steps of 2
+    """The Ray Train run (2 DDP workers, gloo, x 1 object; one killed and both restarted at step 2, as above)
+    against this process x 2 objects, 4 steps of 2
     accumulated micro-batches. This shows that both workers trained and were averaged: one worker alone (or
     two that were not all-reduced) would have followed the gradient of one object, about as far from the
     double batch as training moved. AdamW turns float-rounding differences of near-zero gradients into steps
@@ -182,7 +194,7 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(ray_run, two_obje
                lr_schedule="constant")
     train(tiny(1, batch_size=2, **cfg), two_objects, tmp_path / "one")
     train(tiny(1, batch_size=1, **cfg), two_objects, tmp_path / "alone")          # what one worker alone would do
-    one, two = load_file(str(tmp_path / "one" / WEIGHTS)), load_file(str(ray_run / WEIGHTS))
+    one, two = load_file(str(tmp_path / "one" / WEIGHTS)), load_file(str(ray_run[0] / WEIGHTS))
     alone = load_file(str(tmp_path / "alone" / WEIGHTS))
     torch.manual_seed(0)                                     # the initial weights every rank starts from
     init = MultiViewModel(ModelConfig.tiny()).unet.state_dict()
@@ -233,22 +245,17 @@ def kill_a_train_worker_once(run: Path, after: str, before: str) -> dict:
     return seen
 
 
-def test_a_killed_ray_train_worker_is_restarted_and_the_run_ends_as_an_unkilled_one(ray_run, two_objects, tmp_path):
-    """A Ray Train worker is SIGKILLed from outside once the step-2 checkpoint exists: Ray Train's
-    FailureConfig restarts both workers, they resume from the checkpoint Ray hands back (step 2, or step 0
-    when the kill came before the report), and the weights at step 4 are those of the run without the kill."""
-    killed = tmp_path / "killed"
-    kill = kill_a_train_worker_once(killed, after="step-000002", before="step-000004")
-    try:
-        assert finetune_main([*RAY_RUN, "--data", str(two_objects), "--output", str(killed), "--max-failures", "1"]) == 0
-    finally:
-        kill["stop"] = True
-        kill["thread"].join()
+def test_a_killed_ray_train_worker_is_restarted_and_the_run_completes(ray_run):
+    """The Ray Train run's worker, SIGKILLed from outside once the step-2 checkpoint existed and before step 4:
+    the run still exits 0 with every checkpoint, because FailureConfig restarted both workers, which resumed from
+    the checkpoint Ray handed back (step 2, or step 0 when the kill came before the report). The restart shows in
+    TensorBoard: rank 0 opened a second event file (exactly two), which goes on from the resumed checkpoint. That
+    the restarted run ends where an unkilled one does: test_ddp_two_workers_equal_one_worker_with_twice_the_batch."""
+    run, kill = ray_run
     assert kill.get("pid") and kill["in_time"], kill
-    a, b = load_file(str(ray_run / WEIGHTS)), load_file(str(killed / WEIGHTS))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    first, restarted = sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime_ns)
+    steps = [s for s, _ in tensorboard_events(restarted)["scalars"]["loss"]]
+    assert steps in ([3, 4], [1, 2, 3, 4]), steps               # from the checkpoint Ray handed back, to the end
 
 
 @pytest.mark.parametrize("args,message", [
