@@ -193,11 +193,15 @@ def stage(out: Path, name: str, key: str, build: Callable[[Path], None]) -> tupl
     return final, {"seconds": seconds, "cached": False}
 
 
+def render_args(r: RenderStage) -> list:
+    """render_objaverse.py's arguments for the render stage, less --output."""
+    return ["--source", "demo", "--demo-count", r.count, "--resolution", r.resolution, "--samples", r.samples,
+            "--denoiser", r.denoiser, "--seed", r.seed]
+
+
 def render_build(r: RenderStage, log_path: Path, console) -> Callable[[Path], None]:
     """The render stage's build: the procedural objects through render_objaverse.py."""
-    return lambda w: run_script("render_objaverse.py", [
-        "--source", "demo", "--demo-count", r.count, "--output", w, "--resolution", r.resolution, "--samples", r.samples,
-        "--denoiser", r.denoiser, "--seed", r.seed], log_path, console)
+    return lambda w: run_script("render_objaverse.py", [*render_args(r), "--output", w], log_path, console)
 
 
 def train_build(render_dir: Path, stage_no: int, tcfg: TrainStage, init: Optional[Path], val_percent: float,

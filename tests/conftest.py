@@ -18,6 +18,8 @@ SLOW_MODULES = {"test_app", "test_bench", "test_demo", "test_finetune", "test_ge
 SLOW_FIXTURES = {"rendered_demo", "tiny_checkpoint", "ray_local"}
 # Small renders for tests: real Blender, real Cycles, just fewer pixels and samples.
 SMALL = ["--resolution", "32", "--samples", "4", "--denoiser", "none", "--no-progress"]
+# The rendered demo objects (the `rendered_demo` fixture): render_objaverse.py's arguments, less --output.
+DEMO_RENDER = ["--source", "demo", "--demo-count", "4", *SMALL]
 
 
 def pytest_collection_modifyitems(items):
@@ -93,8 +95,8 @@ def rendered_demo(tmp_path_factory):
     import sys
 
     def render(out: Path):
-        subprocess.run([sys.executable, str(ROOT / "pipelines" / "render_objaverse.py"), "--source", "demo",
-                        "--demo-count", "4", "--output", str(out), *SMALL], check=True, capture_output=True, timeout=600)
+        subprocess.run([sys.executable, str(ROOT / "pipelines" / "render_objaverse.py"), *DEMO_RENDER, "--output", str(out)],
+                       check=True, capture_output=True, timeout=600)
     return made_once(tmp_path_factory, "rendered_demo", render)
 
 

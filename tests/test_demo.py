@@ -1,7 +1,8 @@
 """pipelines/demo.py: the chained stages and their cache (tiny settings), and report.html in headless
 Chromium (Debian's chromium package; .ci/run installs it).
 
-One demo run (the `demo` fixture) is made from scratch; every test that changes something works on a copy of
+One demo run (the `demo` fixture: stage 1 onwards from scratch, its render stage seeded with the session's
+rendered demo objects, the same command's output) is made; every test that changes something works on a copy of
 it, so no test depends on what another left behind. What a variant would redo is known from the stage keys
 (`stage_keys`, a pure function of the settings): that is tested without running, and only the variants that
 prove something about running (a cached rerun; a forced stage killed half-way, resumed with a changed 3D
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image
 
 from common.config import load_config
-from tests.conftest import ROOT, chromium_path, run_main
+from tests.conftest import DEMO_RENDER, ROOT, chromium_path, run_main
 
 SCRIPT = str(ROOT / "pipelines" / "demo.py")
 # 4 objects at 32 px; val_percent 25 holds out demo2-0-002-cylinder and demo2-0-003-cone. Each stage's final
@@ -40,9 +41,28 @@ def run(out, *extra, timeout=900):
     return json.loads(r.stdout)
 
 
+def render_settings(args: list) -> tuple:
+    """What a render_objaverse.py command renders: its source, the number of demo objects, the resolved settings."""
+    import dataclasses
+    from pipelines.render_objaverse import parse_args, resolve_config
+    parsed = parse_args([*map(str, args), "--output", "unused"])
+    return parsed.source, parsed.demo_count, dataclasses.asdict(resolve_config(parsed))
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(rendered_demo, tmp_path_factory):
+    """The demo run, its render stage seeded with the session's rendered demo objects: the command that made them
+    renders what the demo's render stage would (asserted), so stage 1 onwards run on the files the stage would
+    have written. The render command itself is tested end to end by every test that uses `rendered_demo` and
+    in test_render_*."""
+    from common.atomic import atomic_write_json
+    from pipelines.demo import DemoConfig, render_args, stage_keys
+    cfg = load_config(DemoConfig, None, SMALL)
+    assert render_settings(render_args(cfg.render)) == render_settings(DEMO_RENDER)
     out = tmp_path_factory.mktemp("demo")
+    key = stage_keys(cfg)["render"]
+    shutil.copytree(rendered_demo, out / f"render-{key}", ignore=shutil.ignore_patterns("cache"))   # what training added
+    atomic_write_json(out / f"render-{key}" / "stage.json", {"seconds": None, "key": key})
     return out, run(out)
 
 
@@ -73,7 +93,8 @@ def test_demo_writes_meshes_metrics_and_report_for_a_seen_and_a_held_out_object(
     out, summary = demo
     objects = summary["objects"]
     assert objects["seen"]["object"] == "demo2-0-000-box" and objects["held_out"]["object"] == "demo2-0-002-cylinder"
-    assert not any(summary["cached"].values()) and all(s > 0 for s in summary["seconds"].values())
+    assert summary["cached"] == {"render": True, "stage1": False, "stage2": False, "generate": False}   # render: seeded
+    assert all(summary["seconds"][s] > 0 for s in ("stage1", "stage2", "generate"))
     metrics = json.loads((out / "metrics.json").read_text())
     for role in ("seen", "held_out"):
         m = metrics["objects"][role]
