@@ -1,23 +1,58 @@
-"""Run commands against a Ray cluster of two nodes on this machine (ray.cluster_utils.Cluster, 1 CPU each,
+"""Run pipeline commands against a Ray cluster of two nodes on this machine (ray.cluster_utils.Cluster, 1 CPU each,
 loopback only), started once for all of them:
 
-    python tests/ray_two_nodes.py OUT_DIR CMD ARGS... [--then CMD ARGS...]...
+    python tests/ray_two_nodes.py OUT_DIR [VAR=VALUE...] SCRIPT ARGS... [--then [VAR=VALUE...] SCRIPT ARGS...]...
 
-`{address}` in ARGS becomes the cluster's address. Command i's exit status, stdout and stderr go to
-OUT_DIR/i.rc, i.out and i.err; the cluster is stopped in every case."""
+SCRIPT is a pipelines/ script's name (finetune): its main(ARGS) runs in this process, which is then the driver
+that joins the cluster, as `python pipelines/SCRIPT.py ARGS` would (one interpreter and one model-stack import
+for all the commands, not one each). VAR=VALUE: environment for that command only. `{address}` in ARGS becomes
+the cluster's address. Command i's exit status, stdout and stderr go to OUT_DIR/i.rc, i.out and i.err; the
+cluster is stopped in every case."""
+import contextlib
+import importlib
+import io
 import os
+import re
 import secrets
-import subprocess
 import sys
 from pathlib import Path
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # before Ray is imported: every node on 127.0.0.1
 os.environ["RAY_AUTH_MODE"] = "token"
-os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)    # the commands inherit it
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402,F401  (before torch, as every entry point)
 from ray.cluster_utils import Cluster  # noqa: E402
+
+
+def run(i: int, cmd: list, address: str, out: Path) -> None:
+    env = {}
+    while re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", cmd[0]):
+        name, value = cmd.pop(0).split("=", 1)
+        env[name] = value
+    main = importlib.import_module(f"pipelines.{cmd[0]}").main
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main([a.replace("{address}", address) for a in cmd[1:]])
+            except SystemExit as e:            # argparse's errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    (out / f"{i}.out").write_text(stdout.getvalue())
+    (out / f"{i}.err").write_text(stderr.getvalue())
+    (out / f"{i}.rc").write_text(str(code))
+
 
 out = Path(sys.argv[1])
 commands, current = [], []
@@ -34,9 +69,8 @@ try:
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     for i, cmd in enumerate(commands):
-        r = subprocess.run([a.replace("{address}", cluster.address) for a in cmd], capture_output=True, text=True)
-        (out / f"{i}.out").write_text(r.stdout)
-        (out / f"{i}.err").write_text(r.stderr)
-        (out / f"{i}.rc").write_text(str(r.returncode))
+        run(i, cmd, cluster.address, out)
 finally:
+    import ray
+    ray.shutdown()
     cluster.shutdown()

@@ -30,9 +30,9 @@ def test_two_nodes_refuse_local_storage_then_prepare_with_shared_storage(rendere
     from tests.test_convert import TINY_LDM
     data = tmp_path / "renders"
     shutil.copytree(rendered_demo / "objects", data / "objects")
-    finetune = [sys.executable, str(ROOT / "pipelines" / "finetune.py"), "--stage", "1", "--config", "tiny", "--data",
-                str(data), "--max-steps", "1", "--num-workers", "2", "--address", "{address}", "sample_steps=1",
-                "batch_size=1"]
+    # finetune.py's main, run by the helper (the driver that joins the cluster) for each command in turn
+    finetune = ["finetune", "--stage", "1", "--config", "tiny", "--data", str(data), "--max-steps", "1", "--num-workers",
+                "2", "--address", "{address}", "sample_steps=1", "batch_size=1"]
     # The third command: this machine's disk declared shared (as a user would for a site's own filesystem), the
     # cache and a weights file on /dev/shm (tmpfs, node-local): what the workers would open from there is refused.
     g = torch.Generator().manual_seed(0)
@@ -40,7 +40,7 @@ def test_two_nodes_refuse_local_storage_then_prepare_with_shared_storage(rendere
     torch.save({k: torch.randn(shape, generator=g) * 0.1 for k, shape in unet_keys(**TINY_LDM).items()}, ldm)
     node_local = Path(tempfile.mkdtemp(prefix="iso3d-test-", dir="/dev/shm"))
     (node_local / "clip.safetensors").write_bytes(b"weights")
-    local_init = ["env", f"ISO3D_CACHE={node_local / 'cache'}", f"ISO3D_SHARED_FILESYSTEMS={filesystem_type(tmp_path)}",
+    local_init = [f"ISO3D_CACHE={node_local / 'cache'}", f"ISO3D_SHARED_FILESYSTEMS={filesystem_type(tmp_path)}",
                   *finetune, "model.unet.multiview_attention=true", f"model.encoder.weights={node_local / 'clip.safetensors'}",
                   "--output", str(tmp_path / "run"), "--init", str(ldm)]
     # One cluster for the three commands: the refusal, then (--shared-storage: the user vouches for the paths)
