@@ -26,7 +26,6 @@ from optimize3d.reconstruct import exported_mesh_z_up, source_mesh
 from render.layout import object_dirs
 from tests.conftest import ROOT, run_main
 
-SCRIPT = str(ROOT / "pipelines" / "generate.py")
 FIT = ["--config", "tiny", "--no-progress", "steps=200", "export.turntable_frames=8"]
 T = trimesh.transformations
 
@@ -49,11 +48,11 @@ def rendered_box(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reconstructed(rendered_box, tmp_path_factory):
+    """generate.py --views (its main in this process: the fit is under test here, not the interpreter's start)."""
     out = tmp_path_factory.mktemp("reconstructed")
-    r = subprocess.run([sys.executable, SCRIPT, "--views", str(rendered_box), "--output", str(out), *FIT],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)
+    code, printed, err = run_main("generate", ["--views", rendered_box, "--output", out, *FIT])
+    assert code == 0, err[-3000:]
+    return json.loads(printed)
 
 
 def test_silhouettes_at_fitted_and_held_out_cameras(reconstructed):
