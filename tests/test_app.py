@@ -133,12 +133,13 @@ def test_listens_on_loopback_only(app):
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
 
 
-# One request as a separate client process (gradio_client), printing each update of the page's status box.
+# One request as a separate client process (gradio_client), printing each update of the page's status box. It
+# downloads no output file: gradio_client 2.7 leaves an empty /tmp/<40 hex digits> folder behind per download.
 CLIENT = """
 import sys
 from gradio_client import Client, handle_file
 url, image, checkpoint = sys.argv[1:4]
-job = Client(url, verbose=False).submit(handle_file(image), checkpoint, False, api_name="/generate")
+job = Client(url, verbose=False, download_files=False).submit(handle_file(image), checkpoint, False, api_name="/generate")
 try:
     for out in job:
         print("STATUS", out[0], flush=True)
@@ -193,7 +194,7 @@ def test_only_the_offered_checkpoints_and_uploads_up_to_the_limit_are_accepted(a
     import httpx
     from gradio_client import Client, handle_file
     image = object_dir(rendered_demo, "demo2-0-000-box") / "fixed" / "000.png"
-    client = Client(app["url"], verbose=False)
+    client = Client(app["url"], verbose=False, download_files=False)
     with pytest.raises(Exception, match="is not in the list of choices"):      # refused by the server, not the page
         client.predict(handle_file(str(image)), str(tmp_path), False, api_name="/generate")
     big = tmp_path / "big.png"
