@@ -41,8 +41,8 @@ def run(i: int, cmd: list, address: str, out: Path) -> None:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 code = main([a.replace("{address}", address) for a in cmd[1:]])
-            except SystemExit as e:            # argparse's errors
-                code = e.code if isinstance(e.code, int) else 1
+            except SystemExit as e:            # argparse's --help and errors, as the interpreter would exit
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     finally:
         for name, value in saved.items():
             if value is None:
