@@ -8,14 +8,12 @@ that joins the cluster, as `python pipelines/SCRIPT.py ARGS` would (one interpre
 for all the commands, not one each). VAR=VALUE: environment for that command only. `{address}` in ARGS becomes
 the cluster's address. Command i's exit status, stdout and stderr go to OUT_DIR/i.rc, i.out and i.err; the
 cluster is stopped in every case."""
-import contextlib
-import importlib
-import io
 import os
 import re
 import secrets
 import sys
 from pathlib import Path
+from unittest import mock
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # before Ray is imported: every node on 127.0.0.1
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -27,30 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402,F401  (before torch, as every entry point)
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from tests.conftest import run_main  # noqa: E402  (main in this process, output captured)
+
 
 def run(i: int, cmd: list, address: str, out: Path) -> None:
     env = {}
     while re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", cmd[0]):
         name, value = cmd.pop(0).split("=", 1)
         env[name] = value
-    main = importlib.import_module(f"pipelines.{cmd[0]}").main
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                code = main([a.replace("{address}", address) for a in cmd[1:]])
-            except SystemExit as e:            # argparse's --help and errors, as the interpreter would exit
-                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    (out / f"{i}.out").write_text(stdout.getvalue())
-    (out / f"{i}.err").write_text(stderr.getvalue())
+    with mock.patch.dict(os.environ, env):
+        code, stdout, stderr = run_main(cmd[0], [a.replace("{address}", address) for a in cmd[1:]])
+    (out / f"{i}.out").write_text(stdout)
+    (out / f"{i}.err").write_text(stderr)
     (out / f"{i}.rc").write_text(str(code))
 
 
