@@ -9,7 +9,8 @@ comparison.png: the ground truth, the sampled views and the NeRF's renders at az
 3D stage: PSNR, SSIM and silhouette IoU of the NeRF's renders at the 16 fixed-set cameras; Chamfer
 distance and volume IoU (64^3) between the exported mesh and the ground-truth mesh, both normalised
 into the unit box (centred on their bounding box, largest extent 1); colour_error: the largest RGB
-difference (0-1) between the two meshes' area-weighted mean colours (the export's albedo vs the source's).
+difference (0-1) between the two meshes' area-weighted mean colours (the export's albedo vs the source's), both
+as displayed: sRGB, glTF's linear vertex colours and colour factors converted (load_mesh).
 Chamfer distance here = (mean nearest distance mesh->gt + mean gt->mesh) / 2, from 20,000 surface
 samples each. The run's az = 0 is the input view: the input must be the fixed view 0 of the object
 (azimuth 0), or the ground truth would need rotating first.
@@ -28,9 +29,11 @@ import trimesh
 from PIL import Image
 
 from common.atomic import atomic_write_bytes, atomic_write_json
+from optimize3d.export import linear_to_srgb
 from render.preview import on_white
 
 SURFACE_SAMPLES = 20_000
+METRICS_VERSION = 2         # 2: colour_error compares displayed (sRGB) colours; glTF's linear ones are converted
 VOLUME_RESOLUTION = 64
 
 
@@ -147,10 +150,47 @@ def _gt_view(obj, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mesh(path: Path) -> trimesh.Trimesh:
-    mesh = trimesh.load(path, force="mesh")
+    """A mesh file as one mesh whose colours are as displayed (sRGB). glTF stores vertex colours (COLOR_0) and a
+    material's baseColorFactor as linear values (a texture is sRGB) and trimesh hands them over as stored; here
+    each glTF primitive's colour becomes factor x COLOR_0 in sRGB, or its texture's. OBJ and PLY colours are
+    taken as sRGB, as their readers show them."""
+    path = Path(path)
+    if path.suffix.lower() in (".glb", ".gltf"):
+        scene = trimesh.load(path, force="scene")
+        parts = []
+        for node in scene.graph.nodes_geometry:
+            transform, name = scene.graph[node]
+            geometry = scene.geometry[name]
+            if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces):
+                part = trimesh.Trimesh(geometry.vertices, geometry.faces, process=False,
+                                       visual=displayed_colours(geometry))     # a copy would drop COLOR_0 here
+                part.apply_transform(transform)
+                parts.append(part)
+        mesh = trimesh.util.concatenate(parts) if parts else trimesh.Trimesh()
+    else:
+        mesh = trimesh.load(path, force="mesh")
     if len(mesh.faces) == 0:
         raise ValueError(f"mesh {path}: no faces")
     return mesh
+
+
+def displayed_colours(part: trimesh.Trimesh) -> trimesh.visual.ColorVisuals:
+    """One glTF primitive's vertex colours as displayed (sRGB bytes): base colour factor x COLOR_0, both linear,
+    or its base colour texture (sRGB) sampled at the vertices."""
+    n = len(part.vertices)
+    if part.visual.kind == "vertex":
+        linear = np.asarray(part.visual.vertex_colors, np.float64) / 255.0
+    elif part.visual.kind == "texture" and getattr(part.visual.material, "baseColorTexture", None) is not None:
+        return part.visual.to_color()
+    else:
+        material = getattr(part.visual, "material", None)
+        factor = getattr(material, "baseColorFactor", None)
+        linear = np.tile(np.asarray(factor if factor is not None else [255] * 4, np.float64) / 255.0, (n, 1))
+        attributes = getattr(part.visual, "vertex_attributes", {})
+        if "color" in attributes and len(attributes["color"]) == n:          # COLOR_0 beside a material
+            linear = linear * np.asarray(attributes["color"], np.float64) / 255.0
+    linear[:, :3] = linear_to_srgb(linear[:, :3])
+    return trimesh.visual.ColorVisuals(vertex_colors=np.round(linear * 255).astype(np.uint8))
 
 
 @torch.no_grad()
@@ -214,6 +254,7 @@ def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path | None, size:
                "silhouette_iou": float(np.mean([mask_iou(opacity[i] > 0.5, gt[i][1]) for i in range(len(rgb))])),
                "mean_colour": mean_colour(mesh).round(4).tolist(), "views": len(rgb), "size": size3d},
         "ground_truth": {"object": str(gt_object_dir), "mesh": None if gt_mesh is None else str(gt_mesh)},
+        "scored": scored_mesh(run_dir),
     }
     if lpips is not None:
         metrics["3d"]["lpips"] = float(np.mean([lpips(rgb[i], gt[i][0]) for i in range(len(rgb))]))
@@ -224,6 +265,14 @@ def evaluate_run(run_dir: Path, gt_object_dir: Path, gt_mesh: Path | None, size:
                     [rgb[i] for i in (0, 4, 8, 12)])
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def scored_mesh(run_dir: Path) -> dict:
+    """What a run's metrics.json was computed from: these metrics' version and the export that made mesh.glb.
+    Metrics whose record differs from the run's now (a re-export, a changed metric) are stale."""
+    export = Path(run_dir) / "export.json"
+    return {"metrics_version": METRICS_VERSION,
+            "export_key": json.loads(export.read_text()).get("export_key") if export.is_file() else None}
 
 
 def save_comparison(path: Path, *rows: list) -> None:

@@ -6,6 +6,13 @@
 
 The field's world is z-up (Blender's); glTF is y-up, so the mesh is rotated -90 deg about x on export
 and stands upright in a browser. Mesh coordinates are those of the field's box otherwise.
+
+Colours: a mesh in memory holds display (sRGB) colours, as the renders the field learned from. glTF stores
+vertex colours (COLOR_0) and baseColorFactor as *linear* values (glTF 2.0 spec; three.js, model-viewer and
+Blender read them so: an unlit COLOR_0 of 128 renders as 188), so mesh.glb stores sRGB -> linear and
+evaluate.load_mesh converts back; OBJ and PLY keep sRGB bytes, as MeshLab and other PLY readers show them.
+glTF's 8-bit linear COLOR_0 (what trimesh writes) has coarser steps in the darks: a display value under
+0.05 rounds to 0 or 0.05.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from common.config import config_hash
 from render.cameras import DISTANCE, FOV_DEG, c2w_blender
 
 Z_UP_TO_Y_UP = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
+EXPORT_SCHEMA = 2           # 2: mesh.glb's vertex colours linear, as glTF specifies (1: sRGB bytes)
 
 
 @dataclass
@@ -82,14 +90,34 @@ def extract_mesh(field, cfg: ExportConfig) -> trimesh.Trimesh:
     return trimesh.Trimesh(vertices=verts, faces=faces, vertex_colors=colours, process=False)
 
 
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function's inverse (IEC 61966-2-1), values in [0, 1]."""
+    c = np.asarray(c, np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    c = np.clip(np.asarray(c, np.float64), 0.0, 1.0)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+def export_key(cfg: ExportConfig) -> str:
+    """What a finished run's export.json is compared with: a changed setting or export format re-exports."""
+    return config_hash({"export": cfg, "schema": EXPORT_SCHEMA})
+
+
 def save_mesh(mesh: trimesh.Trimesh, path: Path) -> None:
-    """Written whole under a temporary name, then renamed (y-up for glTF viewers)."""
+    """Written whole under a temporary name, then renamed (y-up for glTF viewers; glTF's colours linear)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in ("glb", "obj", "ply"):
         raise ValueError(f"mesh format {fmt!r}: expected glb, obj or ply")
     out = mesh.copy()
     out.apply_transform(Z_UP_TO_Y_UP)
+    if fmt == "glb" and mesh.visual.kind == "vertex":
+        rgba = np.asarray(mesh.visual.vertex_colors, np.float64) / 255.0
+        rgba[:, :3] = srgb_to_linear(rgba[:, :3])
+        out.visual = trimesh.visual.ColorVisuals(out, vertex_colors=np.round(rgba * 255).astype(np.uint8))
     data = out.export(file_type=fmt)
     atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)     # OBJ comes back as text
 
@@ -137,6 +165,6 @@ def export_outputs(nerf, grid, march_cfg, cfg: ExportConfig, work: Path) -> dict
     frames = turntable_frames(nerf, grid, march_cfg, cfg)
     save_turntable(frames, work / f"turntable.{cfg.turntable_format}")
     info = {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
-            "watertight": bool(mesh.is_watertight), "export_key": config_hash(cfg)}
+            "watertight": bool(mesh.is_watertight), "export_key": export_key(cfg)}
     atomic_write_json(work / "export.json", info)
     return info

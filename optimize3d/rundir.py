@@ -14,8 +14,7 @@ import re
 from pathlib import Path
 
 from common.atomic import replace_dir
-from common.config import config_hash
-from optimize3d.export import ExportConfig
+from optimize3d.export import ExportConfig, export_key
 
 LOCK_SUFFIX = ".lock"
 PARTIAL_SUFFIX = ".partial"
@@ -58,7 +57,7 @@ def run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger,
 def _run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger, log_name: str):
     if final.is_dir():
         done = json.loads((final / "export.json").read_text()) if (final / "export.json").is_file() else {}
-        if done.get("export_key") == config_hash(export_cfg):
+        if done.get("export_key") == export_key(export_cfg):
             yield None
             return
         work = final

@@ -109,7 +109,11 @@ def stage_keys(cfg: DemoConfig) -> dict[str, str]:
     base = None if cfg.base is None else checkpoint.identity(base_checkpoint(cfg))
     keys["stage1"] = config_hash({"after": keys["render"], "train": cfg.stage1, "val": cfg.val_percent, "base": base})
     keys["stage2"] = config_hash({"after": keys["stage1"], "train": cfg.stage2, "val": cfg.val_percent})
-    keys["generate"] = config_hash({"after": keys["stage2"], "generate": cfg.generate, "val": cfg.val_percent})
+    # What the 3D stage writes and how it is scored are part of its key: a changed mesh format or metric redoes it.
+    from optimize3d.evaluate import METRICS_VERSION
+    from optimize3d.export import EXPORT_SCHEMA
+    keys["generate"] = config_hash({"after": keys["stage2"], "generate": cfg.generate, "val": cfg.val_percent,
+                                    "schema": [EXPORT_SCHEMA, METRICS_VERSION]})
     return keys
 
 

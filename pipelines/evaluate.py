@@ -86,7 +86,7 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
     A 3D stage that ends without a surface (an empty field) is a row of its own, "no_surface", with the
     reason and the 2D metrics of its sampled views (its run folder stays .partial, as generate leaves it)."""
     from dataset.views import RenderedObject
-    from optimize3d.evaluate import LPIPS, evaluate_run, sample_metrics, sampled_view_pairs
+    from optimize3d.evaluate import LPIPS, evaluate_run, sample_metrics, sampled_view_pairs, scored_mesh
     from optimize3d.export import EmptyMeshError
     from optimize3d.image_to_3d import generate
     image = out / "inputs" / f"{uid}.png"
@@ -99,7 +99,8 @@ def evaluate_object(uid: str, render_root: Path, mesh: Path | None, checkpoint: 
                           model_overrides=overrides)
         run = Path(result["output"])
         earlier = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
-        if earlier is not None and (lpips_backbone is None or "lpips" in earlier["2d"]):
+        fresh = earlier is not None and earlier.get("scored") == scored_mesh(run)    # not of an earlier mesh
+        if fresh and (lpips_backbone is None or "lpips" in earlier["2d"]):
             metrics, evaluated = earlier, False              # made by an earlier evaluation of this run
         else:
             scorer = LPIPS(lpips_backbone) if lpips_backbone is not None else None

@@ -331,17 +331,18 @@ def test_x0_reconstruction_target_with_std_rescale():
 
 
 class SphereField(torch.nn.Module):
-    """density 50 inside radius 0.4, albedo red."""
-    def __init__(self):
+    """density 50 inside radius 0.4, one albedo (red unless given)."""
+    def __init__(self, albedo=(1.0, 0.0, 0.0)):
         super().__init__()
         self.cfg = FieldConfig(radius=1.0)
         self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.albedo = torch.tensor(albedo)
 
     def density(self, x):
         return 50.0 * torch.sigmoid((0.4 - x.norm(dim=-1)) * 200)
 
     def forward(self, x):
-        return self.density(x), torch.tensor([1.0, 0.0, 0.0]).expand(x.shape[0], 3)
+        return self.density(x), self.albedo.expand(x.shape[0], 3)
 
 
 def test_mesh_export_of_a_sphere(tmp_path):
@@ -353,6 +354,24 @@ def test_mesh_export_of_a_sphere(tmp_path):
     loaded = trimesh.load(tmp_path / "mesh.glb", force="mesh")
     assert len(loaded.faces) == len(mesh.faces)
     assert not list(tmp_path.glob(".*"))                 # no temporary left behind
+
+
+def test_glb_stores_linear_vertex_colours_and_the_evaluation_reads_them_back_as_displayed(tmp_path):
+    """glTF's COLOR_0 is linear (the spec; Blender renders a stored 128 as 188, test_render_blender): an albedo of
+    sRGB (0.5, 0.2, 0.8) is stored in mesh.glb as the published linear values 0.2140, 0.0331, 0.6038 (bytes 55, 8,
+    154), read back by the evaluation as the colour it was (to 8-bit linear rounding, coarse in the darks), and
+    kept as sRGB bytes in PLY, whose readers show bytes as they are."""
+    from optimize3d.evaluate import load_mesh, mean_colour
+    mesh = extract_mesh(SphereField(albedo=(0.5, 0.2, 0.8)), ExportConfig(resolution=32, threshold=25.0))
+    assert (mesh.visual.vertex_colors[:, :3] == [128, 51, 204]).all()
+    save_mesh(mesh, tmp_path / "mesh.glb")
+    save_mesh(mesh, tmp_path / "mesh.ply")
+    stored = trimesh.load(tmp_path / "mesh.glb", force="mesh").visual.vertex_colors[:, :3]
+    assert (stored == [55, 8, 154]).all()
+    shown = mean_colour(load_mesh(tmp_path / "mesh.glb"))
+    np.testing.assert_allclose(shown, [128 / 255, 51 / 255, 204 / 255], atol=2 / 255)
+    assert (trimesh.load(tmp_path / "mesh.ply", force="mesh").visual.vertex_colors[:, :3] == [128, 51, 204]).all()
+    np.testing.assert_allclose(mean_colour(load_mesh(tmp_path / "mesh.ply")), [128 / 255, 51 / 255, 204 / 255], atol=1e-9)
 
 
 def test_empty_mesh_is_an_error_with_a_threshold_to_try():

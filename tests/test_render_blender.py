@@ -260,6 +260,27 @@ def test_a_run_where_every_object_fails_exits_non_zero_and_bad_input_writes_noth
     assert not (tmp_path / "out3").exists()
 
 
+def test_gltf_colours_are_linear_as_blender_renders_them_and_the_evaluation_reads_them(tmp_path):
+    """glTF stores vertex colours (COLOR_0) and baseColorFactor as linear values. Blender, whose renders are the
+    ground truth, shows an unlit box whose stored vertex colour or colour factor is 128 as 188 (sRGB of linear
+    0.502), not 128; the colour the evaluation reads from each source mesh (optimize3d/evaluate.py: load_mesh,
+    mean_colour; the demo's colour error) is that rendered colour."""
+    from optimize3d.evaluate import load_mesh, mean_colour
+    from tests.material_glbs import box_glb
+    src = tmp_path / "src"
+    src.mkdir()
+    box_glb(src / "vertex-grey.glb", unlit=True, vertex_color=(128, 128, 128, 255))
+    box_glb(src / "factor-grey.glb", base_color=(128 / 255,) * 3 + (1.0,), unlit=True)
+    out = tmp_path / "out"
+    assert render_main(["--source", str(src), "--output", str(out), *SMALL]) == 0
+    for uid in ("vertex-grey.glb", "factor-grey.glb"):
+        views = [v.reshape(-1, 4) for s in ("random", "fixed") for v in load_views(object_dir(out, uid), s)]
+        px = np.concatenate(views)
+        rendered = px[px[:, 3] == 255, :3].astype(float)
+        assert len(rendered) > 1000 and np.abs(rendered - 188).max() <= 3, (uid, rendered.min(0), rendered.max(0))
+        np.testing.assert_allclose(mean_colour(load_mesh(src / uid)) * 255, rendered.mean(0), atol=2)
+
+
 def test_unlit_materials_render_as_gltf_viewers_show_them_and_black_ones_are_flagged(tmp_path):
     """KHR_materials_unlit: glTF viewers show the base colour, flat and unshaded, and ignore emissiveFactor.
     An unlit red box renders (255, 0, 0) in every object pixel; an unlit box whose base colour is black and

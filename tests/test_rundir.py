@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from common.config import config_hash
-from optimize3d.export import ExportConfig
+from optimize3d.export import ExportConfig, export_key
 from optimize3d.rundir import LOCK_SUFFIX, run_directory
 
 
@@ -20,7 +19,7 @@ def test_a_second_run_of_the_same_result_waits_then_finds_it_made(tmp_path):
             seen["first"] = work
             inside.set()
             release.wait()
-            (work / "export.json").write_text(json.dumps({"export_key": config_hash(cfg)}))
+            (work / "export.json").write_text(json.dumps({"export_key": export_key(cfg)}))
 
     def second():
         with run_directory(final, cfg, log, "generate.log") as work:
