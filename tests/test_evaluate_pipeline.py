@@ -172,3 +172,24 @@ def test_a_killed_evaluation_resumes(evaluated):
     assert not list((evaluated["out"] / "runs" / uid).glob("*.partial"))
     with open(os.path.join(row["run"], "generate.log")) as log:
         assert "resumed from" in log.read()
+
+
+def test_a_changed_export_setting_re_exports_and_scores_the_new_mesh(evaluated, capsys):
+    """An export.* setting changes only the mesh: the rerun re-exports each run in place, without optimising
+    the field again, and scores the new mesh; the earlier mesh's metrics.json is not taken for it."""
+    uids, out = evaluated["uids"], evaluated["out"]
+    before = {u: json.loads((out / "objects" / f"{u}.json").read_text()) for u in uids}
+    fields = {u: sorted(p.name for p in (Path(before[u]["run"]) / "nerf").iterdir()) for u in uids}
+    changed = [a.replace("export.threshold=3", "export.threshold=2") for a in FAST]
+    assert changed != FAST
+    code, stdout, _ = run_main("evaluate", ["--objects", evaluated["root"], "--checkpoint", evaluated["checkpoint"],
+                                            "--output", out, "--lpips-backbone", evaluated["backbone"], *changed], capsys)
+    assert code == 0, stdout
+    for u in uids:
+        row = json.loads((out / "objects" / f"{u}.json").read_text())
+        run = Path(row["run"])
+        assert row["status"] == "evaluated" and row["generate"] == "ok" and row["run"] == before[u]["run"], row
+        assert sorted(p.name for p in (run / "nerf").iterdir()) == fields[u]          # the same field, not a new one
+        export_key = json.loads((run / "export.json").read_text())["export_key"]
+        assert export_key != before[u]["metrics"]["scored"]["export_key"]
+        assert json.loads((run / "metrics.json").read_text())["scored"]["export_key"] == export_key
