@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,8 +37,10 @@ EXPORT_SCHEMA = 2           # 2: mesh.glb's vertex colours linear, as glTF speci
 class ExportConfig:
     resolution: int = 256
     """Marching-cubes grid points per axis over the field's box."""
-    threshold: float = 10.0
-    """Density of the surface (10 to 25 for the paper's settings; too high gives an empty mesh)."""
+    threshold: Optional[float] = 10.0
+    """Density of the surface (10 to 25 for the paper's settings; too high gives an empty mesh). None (null in
+    YAML and overrides): threestudio's "auto", the mean density over the grid where it exceeds 1e-5; the value
+    used is written to export.json."""
     format: str = "glb"
     """glb | obj | ply: mesh.glb is always written; obj or ply in addition."""
     min_faces: int = 16
@@ -72,22 +75,33 @@ def extract_mesh(field, cfg: ExportConfig) -> trimesh.Trimesh:
     from skimage.measure import marching_cubes
     sigma = density_grid(field, cfg.resolution)
     lo, hi = float(sigma.min()), float(sigma.max())
-    if not lo < cfg.threshold < hi:
+    threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(sigma)
+    if not lo < threshold < hi:
         suggestion = np.percentile(sigma, 99) * 0.5
-        raise EmptyMeshError(f"export.threshold={cfg.threshold:g}: no surface, the density ranges over "
-                             f"[{lo:.3g}, {hi:.3g}]; try export.threshold={suggestion:.3g}")
+        named = f"{cfg.threshold:g}" if cfg.threshold is not None else f"null (auto: {threshold:.3g})"
+        raise EmptyMeshError(f"export.threshold={named}: no surface, the density ranges over [{lo:.3g}, {hi:.3g}]; "
+                             f"try export.threshold={suggestion:.3g}")
     r = field.cfg.radius
     spacing = (2 * r / (cfg.resolution - 1),) * 3
     # Density grows inwards: "ascent" winds the faces so that their normals point outwards.
-    verts, faces, _, _ = marching_cubes(sigma, level=cfg.threshold, spacing=spacing, gradient_direction="ascent")
+    verts, faces, _, _ = marching_cubes(sigma, level=threshold, spacing=spacing, gradient_direction="ascent")
     verts = verts - r
     if len(faces) < cfg.min_faces:
-        raise EmptyMeshError(f"export.threshold={cfg.threshold:g}: degenerate mesh ({len(faces)} faces); "
+        raise EmptyMeshError(f"export.threshold={threshold:g}: degenerate mesh ({len(faces)} faces); "
                              f"lower the threshold (density ranges over [{lo:.3g}, {hi:.3g}])")
     device = next(field.parameters()).device
     albedo = field(torch.as_tensor(verts, dtype=torch.float32, device=device))[1].cpu().numpy()
     colours = np.concatenate([np.round(albedo * 255), np.full((len(verts), 1), 255)], 1).astype(np.uint8)
-    return trimesh.Trimesh(vertices=verts, faces=faces, vertex_colors=colours, process=False)
+    mesh = trimesh.Trimesh(vertices=verts, faces=faces, vertex_colors=colours, process=False)
+    mesh.metadata["threshold"] = float(threshold)
+    return mesh
+
+
+def auto_threshold(sigma: np.ndarray) -> float:
+    """threestudio's isosurface_threshold "auto": the mean of the densities above 1e-5 (a soft field from a short
+    run gets a surface at its own scale, where a fixed threshold may find none)."""
+    dense = sigma[sigma > 1e-5]
+    return float(dense.mean()) if dense.size else math.inf
 
 
 def srgb_to_linear(c: np.ndarray) -> np.ndarray:
@@ -165,6 +179,6 @@ def export_outputs(nerf, grid, march_cfg, cfg: ExportConfig, work: Path) -> dict
     frames = turntable_frames(nerf, grid, march_cfg, cfg)
     save_turntable(frames, work / f"turntable.{cfg.turntable_format}")
     info = {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
-            "watertight": bool(mesh.is_watertight), "export_key": export_key(cfg)}
+            "watertight": bool(mesh.is_watertight), "threshold": mesh.metadata["threshold"], "export_key": export_key(cfg)}
     atomic_write_json(work / "export.json", info)
     return info

@@ -48,6 +48,7 @@ def test_generate_writes_mesh_turntable_and_views(generated):
     assert result["status"] == "ok" and d.is_dir() and not list(out.glob("*.partial"))
     mesh = trimesh.load(d / "mesh.glb", force="mesh")
     assert len(mesh.faces) > 100 and len(mesh.faces) == result["faces"]
+    assert json.loads((d / "export.json").read_text())["threshold"] == 3.0 == result["threshold"]   # the one used
     gif = Image.open(d / "turntable.gif")
     assert gif.n_frames == 4 and gif.size == (32, 32)
     assert Image.open(d / "multiview.png").size == (5 * 32, 32)         # input + 4 sampled views

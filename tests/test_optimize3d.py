@@ -374,6 +374,28 @@ def test_glb_stores_linear_vertex_colours_and_the_evaluation_reads_them_back_as_
     np.testing.assert_allclose(mean_colour(load_mesh(tmp_path / "mesh.ply")), [128 / 255, 51 / 255, 204 / 255], atol=1e-9)
 
 
+class SoftBlobField(SphereField):
+    """A soft field, as a short run leaves one: density 3 at most, falling off around radius 0.4."""
+    def density(self, x):
+        return 3.0 * torch.sigmoid((0.4 - x.norm(dim=-1)) * 20)
+
+
+def test_threshold_null_is_threestudios_auto_and_finds_a_surface_a_fixed_one_misses():
+    """export.threshold=null: threestudio's isosurface_threshold "auto", the mean of the grid's densities above
+    1e-5 (computed here from the density formula on the same grid points); where the fixed threshold 5 finds no
+    surface in a soft field, auto gives a closed mesh at the field's own scale."""
+    with pytest.raises(EmptyMeshError, match="export.threshold=5: no surface"):
+        extract_mesh(SoftBlobField(), ExportConfig(resolution=32, threshold=5.0))
+    axis = np.linspace(-1.0, 1.0, 32)
+    r = np.sqrt((np.stack(np.meshgrid(axis, axis, axis, indexing="ij")) ** 2).sum(0))
+    sigma = 3.0 / (1 + np.exp(-(0.4 - r) * 20))
+    expected = sigma[sigma > 1e-5].mean()
+    mesh = extract_mesh(SoftBlobField(), ExportConfig(resolution=32, threshold=None))
+    assert mesh.metadata["threshold"] == pytest.approx(expected, rel=1e-4)
+    level = 0.4 + np.log(3.0 / expected - 1) / 20               # the radius where the density is the threshold
+    assert mesh.is_watertight and mesh.volume == pytest.approx(4 / 3 * math.pi * level ** 3, rel=0.1)
+
+
 def test_empty_mesh_is_an_error_with_a_threshold_to_try():
     with pytest.raises(EmptyMeshError, match=r"export.threshold=80: no surface.*try export.threshold="):
         extract_mesh(SphereField(), ExportConfig(resolution=32, threshold=80.0))
