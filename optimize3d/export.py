@@ -71,7 +71,7 @@ def density_grid(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
 
 @torch.no_grad()
 def extract_mesh(field, cfg: ExportConfig) -> trimesh.Trimesh:
-    """Marching cubes (scikit-image) at cfg.threshold; vertex colours = the albedo there."""
+    """Marching cubes (scikit-image) at cfg.threshold (None: auto_threshold); vertex colours = the albedo there."""
     from skimage.measure import marching_cubes
     sigma = density_grid(field, cfg.resolution)
     lo, hi = float(sigma.min()), float(sigma.max())
