@@ -7,6 +7,8 @@ it, so no test depends on what another left behind. What a variant would redo is
 (`stage_keys`, a pure function of the settings): that is tested without running, and only the variants that
 prove something about running (a cached rerun; a forced stage killed half-way, resumed with a changed 3D
 setting) run."""
+import base64
+import io
 import json
 import os
 import shutil
@@ -221,5 +223,20 @@ def test_report_opens_in_headless_chromium_with_the_3d_view_loaded(demo, tmp_pat
         assert page.locator("model-viewer").count() == 2
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
+        # The report's viewer reads glTF vertex colours as linear, as the spec says (and Blender, test_render_blender):
+        # an unlit box whose stored COLOR_0 is 128 shows as 188. mesh.glb stores its sRGB albedo converted to linear,
+        # so the viewer shows the colour the field learned (tests/test_optimize3d.py).
+        from tests.material_glbs import box_glb
+        shutil.copy(out / "model-viewer-umd.min.js", tmp_path)
+        grey = base64.b64encode(box_glb(tmp_path / "grey.glb", unlit=True, vertex_color=(128, 128, 128, 255)).read_bytes())
+        (tmp_path / "grey.html").write_text(     # the mesh inline, as report.html has it (a file:// fetch is refused)
+            '<body style="margin:0"><script src="model-viewer-umd.min.js"></script><model-viewer id="v" src="data:'
+            f'model/gltf-binary;base64,{grey.decode()}" tone-mapping="neutral" style="width:200px;height:200px">'
+            '</model-viewer></body>')
+        page.goto((tmp_path / "grey.html").as_uri())
+        page.wait_for_function("() => document.querySelector('#v').loaded", timeout=120_000)
+        page.wait_for_timeout(500)              # a frame after loading (a readiness wait, not a timing assertion)
+        centre = np.asarray(Image.open(io.BytesIO(page.locator("#v").screenshot())).convert("RGB"))[90:110, 90:110]
         browser.close()
     assert shot.stat().st_size > 10_000
+    assert np.abs(centre.astype(int) - 188).max() <= 3, centre.reshape(-1, 3).mean(0)
