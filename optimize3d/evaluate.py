@@ -10,7 +10,7 @@ comparison.png: the ground truth, the sampled views and the NeRF's renders at az
 distance and volume IoU (64^3) between the exported mesh and the ground-truth mesh, both normalised
 into the unit box (centred on their bounding box, largest extent 1); colour_error: the largest RGB
 difference (0-1) between the two meshes' area-weighted mean colours (the export's albedo vs the source's), both
-as displayed: sRGB, glTF's linear vertex colours and colour factors converted (load_mesh).
+as displayed: sRGB, glTF's linear vertex colours and colour factors converted (export.load_mesh).
 Chamfer distance here = (mean nearest distance mesh->gt + mean gt->mesh) / 2, from 20,000 surface
 samples each. The run's az = 0 is the input view: the input must be the fixed view 0 of the object
 (azimuth 0), or the ground truth would need rotating first.
@@ -29,7 +29,7 @@ import trimesh
 from PIL import Image
 
 from common.atomic import atomic_write_bytes, atomic_write_json
-from optimize3d.export import linear_to_srgb
+from optimize3d.export import load_mesh
 from render.preview import on_white
 
 SURFACE_SAMPLES = 20_000
@@ -147,50 +147,6 @@ def _gt_view(obj, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed-set ground-truth view: rgb on white [H, W, 3] in [0, 1], silhouette (alpha > 0.5)."""
     img = obj.rgba("fixed", index, size)
     return np.asarray(on_white(img), np.float32) / 255.0, np.asarray(img, np.float32)[..., 3] / 255.0 > 0.5
-
-
-def load_mesh(path: Path) -> trimesh.Trimesh:
-    """A mesh file as one mesh whose colours are as displayed (sRGB). glTF stores vertex colours (COLOR_0) and a
-    material's baseColorFactor as linear values (a texture is sRGB) and trimesh hands them over as stored; here
-    each glTF primitive's colour becomes factor x COLOR_0 in sRGB, or its texture's. OBJ and PLY colours are
-    taken as sRGB, as their readers show them."""
-    path = Path(path)
-    if path.suffix.lower() in (".glb", ".gltf"):
-        scene = trimesh.load(path, force="scene")
-        parts = []
-        for node in scene.graph.nodes_geometry:
-            transform, name = scene.graph[node]
-            geometry = scene.geometry[name]
-            if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces):
-                part = trimesh.Trimesh(geometry.vertices, geometry.faces, process=False,
-                                       visual=displayed_colours(geometry))     # a copy would drop COLOR_0 here
-                part.apply_transform(transform)
-                parts.append(part)
-        mesh = trimesh.util.concatenate(parts) if parts else trimesh.Trimesh()
-    else:
-        mesh = trimesh.load(path, force="mesh")
-    if len(mesh.faces) == 0:
-        raise ValueError(f"mesh {path}: no faces")
-    return mesh
-
-
-def displayed_colours(part: trimesh.Trimesh) -> trimesh.visual.ColorVisuals:
-    """One glTF primitive's vertex colours as displayed (sRGB bytes): base colour factor x COLOR_0, both linear,
-    or its base colour texture (sRGB) sampled at the vertices."""
-    n = len(part.vertices)
-    if part.visual.kind == "vertex":
-        linear = np.asarray(part.visual.vertex_colors, np.float64) / 255.0
-    elif part.visual.kind == "texture" and getattr(part.visual.material, "baseColorTexture", None) is not None:
-        return part.visual.to_color()
-    else:
-        material = getattr(part.visual, "material", None)
-        factor = getattr(material, "baseColorFactor", None)
-        linear = np.tile(np.asarray(factor if factor is not None else [255] * 4, np.float64) / 255.0, (n, 1))
-        attributes = getattr(part.visual, "vertex_attributes", {})
-        if "color" in attributes and len(attributes["color"]) == n:          # COLOR_0 beside a material
-            linear = linear * np.asarray(attributes["color"], np.float64) / 255.0
-    linear[:, :3] = linear_to_srgb(linear[:, :3])
-    return trimesh.visual.ColorVisuals(vertex_colors=np.round(linear * 255).astype(np.uint8))
 
 
 @torch.no_grad()

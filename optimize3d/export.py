@@ -9,8 +9,8 @@ and stands upright in a browser. Mesh coordinates are those of the field's box o
 
 Colours: a mesh in memory holds display (sRGB) colours, as the renders the field learned from. glTF stores
 vertex colours (COLOR_0) and baseColorFactor as *linear* values (glTF 2.0 spec; three.js, model-viewer and
-Blender read them so: an unlit COLOR_0 of 128 renders as 188), so mesh.glb stores sRGB -> linear and
-evaluate.load_mesh converts back; OBJ and PLY keep sRGB bytes, as MeshLab and other PLY readers show them.
+Blender read them so: an unlit COLOR_0 of 128 renders as 188), so save_mesh stores sRGB -> linear in mesh.glb
+and load_mesh converts any glTF's back; OBJ and PLY keep sRGB bytes, as MeshLab and other PLY readers show them.
 glTF's 8-bit linear COLOR_0 (what trimesh writes) has coarser steps in the darks: a display value under
 0.05 rounds to 0 or 0.05.
 """
@@ -71,7 +71,8 @@ def density_grid(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
 
 @torch.no_grad()
 def extract_mesh(field, cfg: ExportConfig) -> trimesh.Trimesh:
-    """Marching cubes (scikit-image) at cfg.threshold (None: auto_threshold); vertex colours = the albedo there."""
+    """Marching cubes (scikit-image) at cfg.threshold (None: auto_threshold); vertex colours = the albedo there;
+    mesh.metadata["threshold"]: the density used (export.json records it)."""
     from skimage.measure import marching_cubes
     sigma = density_grid(field, cfg.resolution)
     lo, hi = float(sigma.min()), float(sigma.max())
@@ -134,6 +135,50 @@ def save_mesh(mesh: trimesh.Trimesh, path: Path) -> None:
         out.visual = trimesh.visual.ColorVisuals(out, vertex_colors=np.round(rgba * 255).astype(np.uint8))
     data = out.export(file_type=fmt)
     atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)     # OBJ comes back as text
+
+
+def load_mesh(path: Path) -> trimesh.Trimesh:
+    """A mesh file as one mesh whose colours are as displayed (sRGB). glTF stores vertex colours (COLOR_0) and a
+    material's baseColorFactor as linear values (a texture is sRGB) and trimesh hands them over as stored; here
+    each glTF primitive's colour becomes factor x COLOR_0 in sRGB, or its texture's. OBJ and PLY colours are
+    taken as sRGB, as their readers show them."""
+    path = Path(path)
+    if path.suffix.lower() in (".glb", ".gltf"):
+        scene = trimesh.load(path, force="scene")
+        parts = []
+        for node in scene.graph.nodes_geometry:
+            transform, name = scene.graph[node]
+            geometry = scene.geometry[name]
+            if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces):
+                part = trimesh.Trimesh(geometry.vertices, geometry.faces, process=False,
+                                       visual=displayed_colours(geometry))     # a copy would drop COLOR_0 here
+                part.apply_transform(transform)
+                parts.append(part)
+        mesh = trimesh.util.concatenate(parts) if parts else trimesh.Trimesh()
+    else:
+        mesh = trimesh.load(path, force="mesh")
+    if len(mesh.faces) == 0:
+        raise ValueError(f"mesh {path}: no faces")
+    return mesh
+
+
+def displayed_colours(part: trimesh.Trimesh) -> trimesh.visual.ColorVisuals:
+    """One glTF primitive's vertex colours as displayed (sRGB bytes): base colour factor x COLOR_0, both linear,
+    or its base colour texture (sRGB) sampled at the vertices."""
+    n = len(part.vertices)
+    if part.visual.kind == "vertex":
+        linear = np.asarray(part.visual.vertex_colors, np.float64) / 255.0
+    elif part.visual.kind == "texture" and getattr(part.visual.material, "baseColorTexture", None) is not None:
+        return part.visual.to_color()
+    else:
+        material = getattr(part.visual, "material", None)
+        factor = getattr(material, "baseColorFactor", None)
+        linear = np.tile(np.asarray(factor if factor is not None else [255] * 4, np.float64) / 255.0, (n, 1))
+        attributes = getattr(part.visual, "vertex_attributes", {})
+        if "color" in attributes and len(attributes["color"]) == n:          # COLOR_0 beside a material
+            linear = linear * np.asarray(attributes["color"], np.float64) / 255.0
+    linear[:, :3] = linear_to_srgb(linear[:, :3])
+    return trimesh.visual.ColorVisuals(vertex_colors=np.round(linear * 255).astype(np.uint8))
 
 
 def turntable_cameras(cfg: ExportConfig, frames: int | None = None) -> torch.Tensor:

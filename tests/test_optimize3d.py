@@ -361,7 +361,8 @@ def test_glb_stores_linear_vertex_colours_and_the_evaluation_reads_them_back_as_
     sRGB (0.5, 0.2, 0.8) is stored in mesh.glb as the published linear values 0.2140, 0.0331, 0.6038 (bytes 55, 8,
     154), read back by the evaluation as the colour it was (to 8-bit linear rounding, coarse in the darks), and
     kept as sRGB bytes in PLY, whose readers show bytes as they are."""
-    from optimize3d.evaluate import load_mesh, mean_colour
+    from optimize3d.evaluate import mean_colour
+    from optimize3d.export import load_mesh
     mesh = extract_mesh(SphereField(albedo=(0.5, 0.2, 0.8)), ExportConfig(resolution=32, threshold=25.0))
     assert (mesh.visual.vertex_colors[:, :3] == [128, 51, 204]).all()
     save_mesh(mesh, tmp_path / "mesh.glb")

@@ -38,6 +38,12 @@ def load_views(obj: Path, view_set: str) -> list[np.ndarray]:
     return [np.asarray(Image.open(obj / view_set / f"{i:03d}.png")) for i in range(16)]
 
 
+def object_pixels(out: Path, uid: str) -> np.ndarray:
+    """RGB of every fully covered pixel of an object's 32 views, as floats."""
+    px = np.concatenate([v.reshape(-1, 4) for s in ("random", "fixed") for v in load_views(object_dir(out, uid), s)])
+    return px[px[:, 3] == 255, :3].astype(float)
+
+
 def test_real_glbs_give_32_views_cameras_and_meta(assets):
     latest = assets.latest()
     assert {e["status"] for e in latest.values()} == {"ok"} and len(latest) == 4
@@ -263,9 +269,10 @@ def test_a_run_where_every_object_fails_exits_non_zero_and_bad_input_writes_noth
 def test_gltf_colours_are_linear_as_blender_renders_them_and_the_evaluation_reads_them(tmp_path):
     """glTF stores vertex colours (COLOR_0) and baseColorFactor as linear values. Blender, whose renders are the
     ground truth, shows an unlit box whose stored vertex colour or colour factor is 128 as 188 (sRGB of linear
-    0.502), not 128; the colour the evaluation reads from each source mesh (optimize3d/evaluate.py: load_mesh,
-    mean_colour; the demo's colour error) is that rendered colour."""
-    from optimize3d.evaluate import load_mesh, mean_colour
+    0.502), not 128; the colour the evaluation reads from each source mesh (optimize3d/export.py: load_mesh;
+    optimize3d/evaluate.py: mean_colour; the demo's colour error) is that rendered colour."""
+    from optimize3d.evaluate import mean_colour
+    from optimize3d.export import load_mesh
     from tests.material_glbs import box_glb
     src = tmp_path / "src"
     src.mkdir()
@@ -274,9 +281,7 @@ def test_gltf_colours_are_linear_as_blender_renders_them_and_the_evaluation_read
     out = tmp_path / "out"
     assert render_main(["--source", str(src), "--output", str(out), *SMALL]) == 0
     for uid in ("vertex-grey.glb", "factor-grey.glb"):
-        views = [v.reshape(-1, 4) for s in ("random", "fixed") for v in load_views(object_dir(out, uid), s)]
-        px = np.concatenate(views)
-        rendered = px[px[:, 3] == 255, :3].astype(float)
+        rendered = object_pixels(out, uid)
         assert len(rendered) > 1000 and np.abs(rendered - 188).max() <= 3, (uid, rendered.min(0), rendered.max(0))
         np.testing.assert_allclose(mean_colour(load_mesh(src / uid)) * 255, rendered.mean(0), atol=2)
 
@@ -297,19 +302,14 @@ def test_unlit_materials_render_as_gltf_viewers_show_them_and_black_ones_are_fla
     assert render_main(["--source", str(src), "--output", str(out), *SMALL]) == 0
     manifest = RenderRoot(out).latest()
 
-    def object_pixels(uid):
-        views = [v.reshape(-1, 4) for s in ("random", "fixed") for v in load_views(object_dir(out, uid), s)]
-        px = np.concatenate(views)
-        return px[px[:, 3] == 255, :3].astype(float)
-
     quality = {uid: json.loads((object_dir(out, uid) / "meta.json").read_text())["quality"] for uid in manifest}
     assert {uid: manifest[uid]["quality"]["flags"] for uid in manifest} == {uid: q["flags"] for uid, q in quality.items()}
     assert quality["unlit-red.glb"]["flags"] == ["unlit"] and quality["unlit-red.glb"]["unlit_materials"] == ["paint"]
-    red = object_pixels("unlit-red.glb")
+    red = object_pixels(out, "unlit-red.glb")
     assert len(red) > 1000 and np.abs(red - [255, 0, 0]).max() <= 3          # flat base colour, unshaded
-    assert object_pixels("lit-red.glb").std(0)[0] > 10 and quality["lit-red.glb"]["flags"] == []   # shaded
+    assert object_pixels(out, "lit-red.glb").std(0)[0] > 10 and quality["lit-red.glb"]["flags"] == []   # shaded
     assert quality["unlit-black.glb"]["flags"] == ["dark", "unlit", "unlit_black"]
-    assert object_pixels("unlit-black.glb").max() <= 3
+    assert object_pixels(out, "unlit-black.glb").max() <= 3
     assert quality["lit-black-emissive.glb"]["flags"] == [] and quality["lit-black-emissive.glb"]["mean_luminance"] > 0.5
     assert len(quality["unlit-red.glb"]["coverage"]) == 32 and min(quality["unlit-red.glb"]["coverage"]) > 0.05
 
