@@ -34,6 +34,7 @@ from render.layout import object_dir
 
 log = logging.getLogger("finetune")
 RAY_POINTER = "iso3d-checkpoint.json"
+RAY_REPORT = ".ray-report"                 # rank 0's pointer folder in the run directory, while it reports
 
 
 @dataclass
@@ -326,15 +327,20 @@ def moving_average(ema, params: list):
 def report_to_ray(metrics: dict, saved: Optional[Path]) -> None:
     """Every rank reports every step (Ray Train's collective); a step that saved a checkpoint reports, from
     rank 0, a Ray checkpoint holding only the path of ours: the weights are written once, in this project's
-    format, on the run directory every node shares, and Ray hands the pointer back after a restart."""
-    import tempfile
+    format, on the run directory every node shares, and Ray hands the pointer back after a restart. Ray copies
+    the pointer's folder before `report` returns; the folder is the run's own `.ray-report` (replaced each time),
+    not a temporary one: a worker killed mid-report (a node failure) would leave a temporary folder in /tmp."""
+    import shutil
     import ray.train
     if saved is None:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="iso3d-ray-ckpt-") as d:
-        (Path(d) / RAY_POINTER).write_text(json.dumps({"checkpoint": str(Path(saved).resolve()), **metrics}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    folder = Path(saved).resolve().parents[1] / RAY_REPORT      # <run>/checkpoints/step-N -> <run>/.ray-report
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    (folder / RAY_POINTER).write_text(json.dumps({"checkpoint": str(Path(saved).resolve()), **metrics}))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    shutil.rmtree(folder)
 
 
 def validation_objects(cfg: TrainConfig, data_dir: Path, index: PreparedIndex) -> MultiViewDataset:
