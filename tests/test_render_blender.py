@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -142,6 +143,12 @@ def test_rerun_skips_and_changed_setting_renders_again(assets):
     assert [p.parent.name for p in changed] == ["Box.glb"]
     assert json.loads(changed[0].read_text())["settings"]["samples"] == 5
     assert not list(assets.objects.glob(".*")) and not list(assets.objects.glob("*/.*")), "no temporary or trash folders left"
+    # Each run logged to its own render.log (main called again in one process, as here, included), and left
+    # no handler behind on the root logger
+    logs = sorted((assets.path / "runs").glob("*/render.log"))[-2:]
+    assert ["0 to render" in p.read_text() for p in logs] == [True, False]
+    assert "1 to render" in logs[1].read_text()
+    assert not [h for h in logging.getLogger().handlers if str(assets.path) in getattr(h, "baseFilename", "")]
 
 
 def test_hostile_set_is_classified_and_the_shard_completes(tmp_path):
