@@ -265,6 +265,10 @@ def test_a_killed_ray_train_worker_is_restarted_and_the_run_completes(ray_run):
     first, restarted = sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime_ns)
     steps = [s for s, _ in tensorboard_events(restarted)["scalars"]["loss"]]
     assert steps in ([3, 4], [1, 2, 3, 4]), steps               # from the checkpoint Ray handed back, to the end
+    # Rank 0 reports each checkpoint's pointer from the run's own folder, gone once reported (a temporary one
+    # was left in /tmp by every killed worker)
+    from model.train import RAY_REPORT
+    assert not (run / RAY_REPORT).exists()
 
 
 @pytest.mark.parametrize("args,message", [
