@@ -47,9 +47,9 @@ def write_unet(ckpt: Path, unet, state: Optional[dict] = None, folder: str = "un
               str(Path(ckpt) / folder / UNET_WEIGHTS.name), metadata={"format": "pt"})
 
 
-def write_scheduler(ckpt: Path, prediction_type: str = "epsilon") -> None:
+def write_scheduler(ckpt: Path, prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> None:
     from model.mvmodel import noise_schedule
-    noise_schedule(prediction_type).save_pretrained(Path(ckpt) / "scheduler")
+    noise_schedule(prediction_type, zero_terminal_snr).save_pretrained(Path(ckpt) / "scheduler")
 
 
 def trained_names(model) -> list[str]:
@@ -102,7 +102,7 @@ def save(ckpt_root: Path, step: int, model, optimizer=None, scheduler=None, extr
         (tmp / "training_state" / "ema.json").write_text(json.dumps(
             {"optimization_step": ema.optimization_step, "decay": ema.decay, "power": ema.power,
              "decay_now": ema.get_decay(ema.optimization_step)}))
-    write_scheduler(tmp, cfg.prediction_type)
+    write_scheduler(tmp, cfg.prediction_type, cfg.zero_terminal_snr)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "training_state" / "scheduler.pt")

@@ -65,6 +65,13 @@ class ModelConfig:
     preset: a small pixel-space model trained for minutes predicts epsilon well and still gets x0 badly
     wrong at high noise, where x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies its error by up to 15;
     measured at 300 steps: x0 error 0.54 at t = 950, and DDIM samples of training objects were noise)."""
+    zero_terminal_snr: bool = False
+    """Rescale the betas so that the last timestep is pure noise, as sampling starts (Lin et al., "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed": diffusers' rescale_betas_zero_snr), and sample
+    with "trailing" timestep spacing, from t = 999. SD's schedule leaves 6.8% of the image's amplitude at
+    t = 999, which a model learns to lean on and sampling never gives it. Needs v_prediction (epsilon says
+    nothing about x0 at zero SNR). False: SD 2.1 / MVDream / the released model. The demo fine-tunes with it
+    (measured: mean sample PSNR of the eight demo objects 16.8 -> 18.1 dB after 300 stage-1 steps)."""
     allow_random_weights: bool = False
     """A VAE model without vae_path, or a non-tiny encoder without weights, is an error unless this is
     true (tests, benchmarks): full-size results from random weights are never silent."""
@@ -98,6 +105,9 @@ class ModelConfig:
             raise ValueError(f"model.camera_featurization {self.camera_featurization!r}: expected one of {', '.join(FEATURIZATIONS)}")
         if self.prediction_type not in PREDICTIONS:
             raise ValueError(f"model.prediction_type {self.prediction_type!r}: expected one of {', '.join(PREDICTIONS)}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError(f"model.zero_terminal_snr needs model.prediction_type=v_prediction, not {self.prediction_type!r}: "
+                             "at zero SNR an epsilon prediction says nothing about the image")
         if self.inference not in INFERENCES:
             raise ValueError(f"model.inference {self.inference!r}: expected one of {', '.join(INFERENCES)}")
         if self.latent == "vae" and self.vae_path is None and not self.allow_random_weights:
@@ -151,10 +161,12 @@ def released_preview_features(views: int = 4, elevation: float = 15.0) -> torch.
     return torch.tensor(np.stack(feats).reshape(-1, 16), dtype=torch.float32)
 
 
-def noise_schedule(prediction_type: str = "epsilon") -> DDPMScheduler:
-    """SD 2.1 / MVDream: scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon prediction (v for tiny)."""
+def noise_schedule(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """SD 2.1 / MVDream: scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon prediction (v for tiny);
+    zero_terminal_snr: those betas rescaled so that alpha_cumprod[999] = 0, sampled with trailing spacing."""
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
+                         beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False, **extra)
 
 
 def load_vae(cfg: ModelConfig) -> Optional[AutoencoderKL]:
@@ -196,7 +208,7 @@ class MultiViewModel(torch.nn.Module):
         self.cfg = cfg
         self.unet = build_unet(cfg.unet)
         self.vae = load_vae(cfg)
-        self.schedule = noise_schedule(cfg.prediction_type)
+        self.schedule = noise_schedule(cfg.prediction_type, cfg.zero_terminal_snr)
 
     @staticmethod
     def new_vae(cfg: Optional[ModelConfig] = None) -> AutoencoderKL:
