@@ -62,12 +62,17 @@ def user_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """The test process as the driver of a local 2-CPU Ray bound to 127.0.0.1, for one module."""
+    """The test process as the driver of a local 2-CPU Ray bound to 127.0.0.1, for one module. Ray Train's
+    controller checks its workers every 0.5 s here, not every 2 s: a finished or killed worker is noticed
+    sooner (measured: test_finetune's Ray Train run with a worker killed, 50-53 s against 59-61 s). Its
+    processes read the setting from the environment they inherit at ray.init."""
     import ray
     from common.ray_local import init_ray
-    init_ray(None, num_cpus=2)
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        init_ray(None, num_cpus=2)
+        yield ray
+        ray.shutdown()
 
 
 def made_once(tmp_path_factory, name: str, make) -> Path:
