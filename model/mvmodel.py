@@ -70,8 +70,9 @@ class ModelConfig:
     Diffusion Noise Schedules and Sample Steps are Flawed": diffusers' rescale_betas_zero_snr), and sample
     with "trailing" timestep spacing, from t = 999. SD's schedule leaves 6.8% of the image's amplitude at
     t = 999, which a model learns to lean on and sampling never gives it. Needs v_prediction (epsilon says
-    nothing about x0 at zero SNR). False: SD 2.1 / MVDream / the released model. The demo fine-tunes with it
-    (measured: mean sample PSNR of the eight demo objects 16.8 -> 18.1 dB after 300 stage-1 steps)."""
+    nothing about x0 at zero SNR). False: SD 2.1 / MVDream / the released model, and the demo: with it in the
+    demo's stage 1 the held-out torus sampled at 18.9 dB (14.9 without) as paler blotches, and the seen box's
+    mesh colour error rose from 0.17 to 0.24 (README, "Fine-tune")."""
     allow_random_weights: bool = False
     """A VAE model without vae_path, or a non-tiny encoder without weights, is an error unless this is
     true (tests, benchmarks): full-size results from random weights are never silent."""
