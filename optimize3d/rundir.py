@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from common.atomic import replace_dir
+from common.logs import logging_to
 from optimize3d.export import ExportConfig, export_key
 
 LOCK_SUFFIX = ".lock"
@@ -64,14 +65,7 @@ def _run_directory(final: Path, export_cfg: ExportConfig, logger: logging.Logger
     else:
         work = final.with_name(final.name + PARTIAL_SUFFIX)
     work.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(work / log_name)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with logging_to(work / log_name, logger, "%(asctime)s %(levelname)s %(message)s"):
         yield work
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     if work is not final:
         replace_dir(work, final)

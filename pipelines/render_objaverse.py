@@ -21,9 +21,7 @@ Extra `key=value` arguments override configuration fields (e.g. settings.denoise
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import shlex
 import sys
 from datetime import datetime
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from common.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from common.config import ConfigError, load_config, save_config  # noqa: E402
+from common.logs import logging_to  # noqa: E402
 from render.settings import RenderConfig  # noqa: E402
 from render.output import RenderRoot  # noqa: E402
 from render.scheduler import render_all  # noqa: E402
@@ -79,28 +78,6 @@ def resolve_config(args) -> RenderConfig:
     return load_config(RenderConfig, args.config, overrides)
 
 
-@contextlib.contextmanager
-def run_log(path: Path):
-    """Every logger's INFO and above to the run's `path` and to stderr while the run lasts. The handlers go
-    afterwards: a second main() in one process (a notebook, a Ray job, a test) logs to its own run's file, not
-    to the first one's (logging.basicConfig keeps the first configuration it is given)."""
-    root = logging.getLogger()
-    handlers = [logging.FileHandler(path), logging.StreamHandler()]
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    level = root.level
-    for h in handlers:
-        h.setFormatter(formatter)
-        root.addHandler(h)
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-        for h in handlers:
-            root.removeHandler(h)
-            h.close()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report is not None:
@@ -132,7 +109,7 @@ def main(argv=None) -> int:
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_text(run_dir / "cmd.txt", shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]) + "\n")
     selected = select(refs, shards, cfg.num_shards, cfg.limit)
-    with run_log(run_dir / "render.log"):
+    with logging_to(run_dir / "render.log", stderr=True):
         summary = render_all(root, selected, cfg, address=args.address, objaverse_dir=args.objaverse_dir,
                              progress=not args.no_progress)
     summary.update(source=args.source, shards=shards, num_shards=cfg.num_shards)

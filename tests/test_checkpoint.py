@@ -1,4 +1,5 @@
-"""Checkpoint pruning: which step-N directories survive, and that nothing half-deleted is left to resume from."""
+"""Checkpoints: which step-N directories pruning keeps, that nothing half-deleted is left to resume from, and the
+noise schedule a checkpoint carries."""
 import pytest
 
 from model import checkpoint
